@@ -1,0 +1,1 @@
+"""`khala bench` (implemented with the engine)."""

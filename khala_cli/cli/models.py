@@ -1,0 +1,1 @@
+"""`khala convert` and `khala doctor` (implemented with the weights layer)."""

@@ -1,0 +1,1 @@
+"""`khala render`, `validate`, `plan`, `tags` (implemented with manifest/plan/runner/report)."""

@@ -1,0 +1,1 @@
+"""Model directories: find, build (demo), convert (Megatron/Lightning download), check."""

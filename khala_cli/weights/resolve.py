@@ -1,0 +1,71 @@
+"""Turn a manifest's `model:` value into a ready model directory. No torch in this process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from khala_cli.engine.config import ModelInfo
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+MODEL_JSON = "model.json"
+
+
+class ModelError(Exception):
+    """The model (or the environment it needs) is not usable: exit code 3."""
+
+
+def demo_dir() -> Path:
+    """Where the demo model lives: $KHALA_DEMO_DIR, else checkpoints/demo in the project."""
+    env = os.environ.get("KHALA_DEMO_DIR")
+    return Path(env) if env else PROJECT_ROOT / "checkpoints" / "demo"
+
+
+def read_info(model_dir: Path) -> ModelInfo:
+    path = model_dir / MODEL_JSON
+    try:
+        return ModelInfo.from_json(path)
+    except FileNotFoundError:
+        raise ModelError(f"{model_dir}: not a khala model directory (no {MODEL_JSON})") from None
+    except ValueError as exc:
+        raise ModelError(f"{path}: {exc}") from None
+
+
+def is_raw_download(path: Path) -> bool:
+    """A Khala download as published (Megatron torch_dist checkpoints), not yet converted."""
+    return (path / "backbone" / "latest_checkpointed_iteration.txt").exists() or (
+        path / "checkpoints" / "backbone" / "latest_checkpointed_iteration.txt"
+    ).exists()
+
+
+def ensure_demo(path: Path | None = None) -> Path:
+    """Build the demo model on first use, in a child process (the parent never imports torch)."""
+    path = path or demo_dir()
+    if (path / MODEL_JSON).exists():
+        return path
+    proc = subprocess.run(
+        [sys.executable, "-m", "khala_cli.weights.demo", str(path)],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0 or not (path / MODEL_JSON).exists():
+        raise ModelError(f"could not build the demo model in {path}:\n{proc.stderr.strip()[-2000:]}")
+    return path
+
+
+def resolve_model(ref: str, base: Path) -> tuple[Path, ModelInfo]:
+    """("demo" | a directory relative to `base`) -> (model directory, its model.json)."""
+    if ref == "demo":
+        path = ensure_demo()
+        return path, read_info(path)
+    path = (base / ref).expanduser().resolve()
+    if not path.exists():
+        raise ModelError(f"model directory {path} does not exist")
+    if not (path / MODEL_JSON).exists() and is_raw_download(path):
+        raise ModelError(
+            f"{path} is a raw Khala download (Megatron checkpoints) and needs converting once:\n"
+            f"  khala convert {path} {path.parent / (path.name + '-khala')}\n"
+            f"then point `model:` at the converted directory (or pass --convert)."
+        )
+    return path, read_info(path)
