@@ -5,9 +5,15 @@ No torch here: the parent process plans.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from khala_cli.manifest import TOKENS_PER_MINUTE, Job, Manifest, job_dir
 
 
 @dataclass(frozen=True)
@@ -56,3 +62,155 @@ class Render:
         d = dict(d)
         d["tags"] = tuple(d.get("tags", ()))
         return cls(**d)
+
+
+# -- planning: jobs x seeds -> renders, keys, statuses, shards --------------------------------
+
+RENDER_KEY_VERSION = 1
+STATUSES = ("todo", "skip", "rerender")  # new, already done, outputs of other settings exist
+
+
+def render_key(settings: dict[str, Any], fingerprint: str) -> str:
+    """Hash of every setting that changes the audio, plus the model fingerprint."""
+    payload = json.dumps({"v": RENDER_KEY_VERSION, "model": fingerprint, **settings},
+                         sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
+
+
+def audio_settings(job: Job, seed: int) -> dict[str, Any]:
+    """Everything that changes a take's audio (titles and tags of the MP3 do not)."""
+    return {
+        "seed": int(seed),
+        "mode": job.mode,
+        "prompt_mode": job.prompt_mode,
+        "tags": [t.strip() for t in job.tags],
+        "prompt": job.prompt.strip(),
+        "lyrics": job.lyrics if job.mode == "vocal" else "",
+        "duration": int(job.duration),
+        "top_k_bb": int(job.top_k_bb),
+        "top_k_sr": int(job.top_k_sr),
+        "temperature": float(job.temperature),
+        "max_new_tokens": int(job.max_new_tokens),
+    }
+
+
+def build_renders(manifest: Manifest, fingerprint: str, *, output_dir: str | Path | None = None,
+                  save_codes: bool = False) -> list[Render]:
+    """Every job at every seed, in manifest order."""
+    root = Path(output_dir or manifest.output_dir).resolve()
+    renders = []
+    for job in manifest.jobs:
+        out_dir = job_dir(root, job.id)
+        for seed in job.seeds:
+            renders.append(Render(
+                job_id=job.id, seed=int(seed),
+                key=render_key(audio_settings(job, seed), fingerprint),
+                out_dir=str(out_dir), stem=f"{job.id}-s{seed}",
+                title=job.title, artist=job.artist, album=job.album,
+                mode=job.mode, prompt_mode=job.prompt_mode, tags=tuple(job.tags),
+                prompt=job.prompt, lyrics=job.lyrics, duration=job.duration,
+                top_k_bb=job.top_k_bb, top_k_sr=job.top_k_sr, temperature=job.temperature,
+                max_new_tokens=job.max_new_tokens, save_codes=save_codes,
+                extra={"line": job.line},
+            ))
+    return renders
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """"K/N" -> (K, N), 0 <= K < N (K is $SLURM_ARRAY_TASK_ID or $JOB_COMPLETION_INDEX)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec or "")
+    if not m:
+        raise ValueError(f"--shard {spec!r}: expected K/N, e.g. 3/16 (K counts from 0)")
+    k, n = int(m.group(1)), int(m.group(2))
+    if n < 1:
+        raise ValueError(f"--shard {spec!r}: N must be at least 1")
+    if not 0 <= k < n:
+        raise ValueError(f"--shard {spec!r}: K must be in 0..{n - 1} (K counts from 0)")
+    return k, n
+
+
+def shard_of(render: Render, n: int) -> int:
+    """The shard (0..n-1) that owns a render: stable for its key, the same on every machine."""
+    return int(hashlib.sha256(render.key.encode()).hexdigest()[:16], 16) % n
+
+
+@dataclass(frozen=True)
+class PlannedRender:
+    render: Render
+    status: str  # todo | skip | rerender
+    reason: str = ""
+    est_minutes: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.render
+        return {
+            "job_id": r.job_id, "seed": r.seed, "key": r.key, "status": self.status,
+            "reason": self.reason, "est_minutes": round(self.est_minutes, 3),
+            "duration": r.duration, "max_new_tokens": r.max_new_tokens,
+            "files": {"wav": str(r.path(".wav")), "mp3": str(r.path(".mp3")),
+                      "json": str(r.path(".json"))},
+        }
+
+
+@dataclass
+class Plan:
+    items: list[PlannedRender]
+    excluded: int = 0  # renders of the manifest left to other shards or outside --only
+    shard: tuple[int, int] | None = None
+
+    @property
+    def to_run(self) -> list[Render]:
+        return [p.render for p in self.items if p.status != "skip"]
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in STATUSES}
+        for p in self.items:
+            out[p.status] += 1
+        return out
+
+    def minutes(self, statuses: tuple[str, ...] = ("todo", "rerender")) -> float:
+        return sum(p.est_minutes for p in self.items if p.status in statuses)
+
+
+def est_minutes(render: Render) -> float:
+    """Rough audio length of a take: its duration token, cut by its token cap."""
+    return min(float(render.duration), render.max_new_tokens / TOKENS_PER_MINUTE)
+
+
+def _sidecar_key(render: Render) -> str | None:
+    try:
+        data = json.loads(render.path(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("render_key") if isinstance(data, dict) else None
+
+
+def _status(render: Render, is_done: Callable[[Render], bool], force: bool) -> tuple[str, str]:
+    if not render.path(".json").exists():
+        return "todo", "new"
+    if is_done(render):
+        return ("rerender", "--force") if force else ("skip", "done with these settings")
+    key = _sidecar_key(render)
+    if key is None:
+        return "rerender", "sidecar unreadable"
+    if key != render.key:
+        return "rerender", "settings or model changed"
+    return "rerender", "output files missing"
+
+
+def make_plan(renders: list[Render], *, is_done: Callable[[Render], bool], force: bool = False,
+              only: tuple[str, ...] | list[str] = (),
+              shard: tuple[int, int] | None = None) -> Plan:
+    """Statuses for the renders this run owns (after --only and --shard).
+
+    `is_done` is `outputs.is_done` (passed in: outputs sits above plan in the layers).
+    """
+    chosen = [r for r in renders if not only or r.job_id in only]
+    if shard is not None:
+        k, n = shard
+        chosen = [r for r in chosen if shard_of(r, n) == k]
+    items = []
+    for r in chosen:
+        status, reason = _status(r, is_done, force)
+        items.append(PlannedRender(r, status, reason, est_minutes(r)))
+    return Plan(items=items, excluded=len(renders) - len(chosen), shard=shard)
