@@ -1,0 +1,215 @@
+"""Backbone decode: one prompt, B seeds, interleaved q0/q1 tokens with a static KV cache.
+
+Each batch row is one seed. Step t samples token t: even steps from the q0 codebook plus
+end-of-song, odd steps from the q1 codebook only, so the pairing cannot break. The hidden
+states are projected onto just those output rows. The loop issues device work only; the
+host looks at the tokens every `check_every` steps to stop early and report progress.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from khala_cli.engine.sampling import STREAM_BACKBONE, sample_top_k, seed_tensor
+from khala_cli.engine.tokens import TokenLayout
+from khala_cli.engine.transformer import Transformer
+
+CHECK_EVERY = 64  # steps between host looks (stop at end-of-song, progress)
+KV_BUCKET = 256  # keys are read up to the next multiple of this (a CUDA graph per bucket)
+KV_BUCKET_CUDA_GRAPH = 1024
+
+
+class _Decoder:
+    """Static device state of one batched decode and the step that advances it."""
+
+    def __init__(self, model: Transformer, layout: TokenLayout, seeds: Tensor, top_k: int,
+                 temperature: float, max_new: int) -> None:
+        self.model, self.top_k, self.temperature = model, top_k, temperature
+        dev = seeds.device
+        w = model.output.weight
+        q0, q1 = layout.layer_range(0), layout.layer_range(1)
+        self.ids = {
+            0: torch.cat([torch.arange(*q0), torch.tensor([layout.end_of_song_id])]).to(dev),
+            1: torch.arange(*q1, device=dev),
+        }
+        self.weights = {0: w[self.ids[0]].contiguous(), 1: w[q1[0] : q1[1]]}
+        self.seeds = seeds
+        b = seeds.shape[0]
+        self.tokens = torch.zeros(b, max_new, dtype=torch.int64, device=dev)
+        self.tok = torch.zeros(b, dtype=torch.int64, device=dev)  # last sampled token
+        self.pos = torch.zeros(1, dtype=torch.int64, device=dev)  # where `tok` goes in
+        self.step = torch.zeros(1, dtype=torch.int64, device=dev)  # index of the next token
+
+    def sample(self, hidden: Tensor, parity: int) -> None:
+        """Sample token `step` from hidden [B, hidden]; record it; advance the counters."""
+        logits = torch.nn.functional.linear(hidden, self.weights[parity])
+        tok = sample_top_k(logits, self.seeds, top_k=self.top_k, temperature=self.temperature,
+                           stream=STREAM_BACKBONE, step=self.step, candidate_ids=self.ids[parity])
+        self.tokens.index_copy_(1, self.step, tok[:, None])
+        self.tok.copy_(tok)
+        self.pos.add_(1)
+        self.step.add_(1)
+
+    def step_fn(self, parity: int, kv_len: int) -> None:
+        """Feed `tok` at `pos`, sample the next token (of the given parity)."""
+        h = self.model.decode_hidden(self.tok[:, None], self.pos, kv_len)
+        self.sample(h[:, -1], parity)
+
+
+class _GraphRunner:
+    """Replays one captured CUDA graph of the decode step per (parity, kv_len)."""
+
+    def __init__(self, fn: Callable[[int, int], None], state: _Decoder) -> None:
+        self.fn, self.state, self.graphs = fn, state, {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, parity: int, kv_len: int) -> None:
+        key = (parity, kv_len)
+        if key not in self.graphs:
+            s = self.state
+            saved = [t.clone() for t in (s.tok, s.pos, s.step)]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.fn(parity, kv_len)  # warm-up (same inputs: its writes are redone below)
+            torch.cuda.current_stream().wait_stream(side)
+            for t, v in zip((s.tok, s.pos, s.step), saved, strict=True):
+                t.copy_(v)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.fn(parity, kv_len)
+            self.graphs[key] = graph
+        self.graphs[key].replay()
+
+
+def _kv_len(needed: int, bucket: int, cap: int) -> int:
+    return min(cap, math.ceil(needed / bucket) * bucket)
+
+
+@torch.inference_mode()
+def decode_tokens(
+    model: Transformer,
+    layout: TokenLayout,
+    prompt_ids: list[int],
+    seeds: list[int],
+    *,
+    top_k: int,
+    temperature: float,
+    max_new_tokens: int,
+    progress: Callable[[int, float], None] | None = None,
+    max_seq_len: int | None = None,
+    stop_at_end: bool = True,
+    check_every: int = CHECK_EVERY,
+    compile: bool = False,
+    cuda_graphs: bool = False,
+) -> np.ndarray:
+    """The raw decode behind `generate`: token ids [B, steps], one row per seed.
+
+    Steps run until every row has emitted end-of-song (looked at every `check_every`
+    steps, so rows may run on past theirs: ignore what follows it) or max_new_tokens.
+    stop_at_end=False always decodes max_new_tokens (benchmarks).
+    """
+    if not prompt_ids:
+        raise ValueError("the backbone needs a non-empty prompt")
+    device = model.embed.weight.device
+    cap = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    p = len(prompt_ids)
+    max_new = min(int(max_new_tokens), cap - p)
+    b = len(seeds)
+    if max_new <= 0 or b == 0:
+        return np.zeros((b, 0), dtype=np.int64)
+    cache_len = p + max_new
+    graphs = cuda_graphs and device.type == "cuda"
+    bucket = KV_BUCKET_CUDA_GRAPH if graphs else KV_BUCKET
+
+    model.setup_cache(b, cache_len)
+    try:
+        st = _Decoder(model, layout, seed_tensor(seeds, device), top_k, temperature, max_new)
+        # Prefill once (row 0) and copy the prompt's keys/values to every row: the same
+        # numbers whatever the batch size.
+        prompt = torch.tensor([prompt_ids], dtype=torch.int64, device=device)
+        h = model.decode_hidden(prompt, torch.arange(p, device=device), _kv_len(p, bucket, cache_len))
+        model.copy_cache_row(0, p)
+        st.pos.fill_(p - 1)  # `sample` advances it to p, where token 0 goes in
+        st.sample(h[:, -1].expand(b, -1), 0)
+
+        step = st.step_fn
+        if compile:
+            step = torch.compile(step, dynamic=False)
+            torch._dynamo.config.cache_size_limit = max(
+                torch._dynamo.config.cache_size_limit, 2 * math.ceil(cache_len / bucket) + 8
+            )
+        if graphs:
+            step = _GraphRunner(step, st)
+
+        eos = layout.end_of_song_id
+        t0 = time.perf_counter()
+        done_steps = max_new
+        for t in range(1, max_new):
+            step(t % 2, _kv_len(p + t, bucket, cache_len))
+            if (t + 1) % check_every == 0:
+                if stop_at_end and bool((st.tokens[:, 0 : t + 1 : 2] == eos).any(dim=1).all()):
+                    done_steps = t + 1
+                    break
+                if progress is not None:
+                    progress(t + 1, (t + 1) / max(time.perf_counter() - t0, 1e-9))
+        tokens = st.tokens[:, :done_steps].cpu().numpy()
+    finally:
+        model.clear_cache()
+    if progress is not None:
+        progress(done_steps, done_steps / max(time.perf_counter() - t0, 1e-9))
+    return tokens
+
+
+def split_codes(layout: TokenLayout, row: np.ndarray, stop_at_end: bool = True) -> np.ndarray:
+    """One row of raw tokens -> int64 [2, frames] codes: cut at the first end-of-song,
+    drop an unpaired last q0, subtract the q0 / q1 offsets."""
+    n = len(row)
+    if stop_at_end:
+        hits = np.flatnonzero(row[0::2] == layout.end_of_song_id)
+        if hits.size:
+            n = 2 * int(hits[0])
+    n -= n % 2
+    pairs = np.asarray(row[:n], dtype=np.int64).reshape(-1, 2).T.copy()
+    pairs[0] -= layout.layer_start(0)
+    pairs[1] -= layout.layer_start(1)
+    return pairs
+
+
+def generate(
+    model: Transformer,
+    layout: TokenLayout,
+    prompt_ids: list[int],
+    seeds: list[int],
+    *,
+    top_k: int,
+    temperature: float,
+    max_new_tokens: int,
+    progress: Callable[[int, float], None] | None = None,
+    max_seq_len: int | None = None,
+    **options,
+) -> list[np.ndarray]:
+    """Decode one prompt for every seed (one batch row each).
+
+    Returns per seed an int64 array [2, frames]: q0 codes in row 0, q1 in row 1, offsets
+    subtracted (0..codebook_size-1). A row stops at end-of-song (not emitted) or after
+    max_new_tokens (capped so prompt + tokens fit max_seq_len and the config's); an odd
+    count drops the last, unpaired q0. progress(tokens_done, tokens_per_s): tokens decoded
+    per row so far and the per-row rate, every `check_every` steps and at the end.
+    options: check_every, compile (torch.compile of the decode step), cuda_graphs (a CUDA
+    graph of the step per kv-length bucket) -- the last two for CUDA, default off.
+    """
+    if not seeds:
+        return []
+    tokens = decode_tokens(model, layout, prompt_ids, seeds, top_k=top_k, temperature=temperature,
+                           max_new_tokens=max_new_tokens, progress=progress,
+                           max_seq_len=max_seq_len, **options)
+    if tokens.shape[1] == 0:
+        return [np.zeros((2, 0), dtype=np.int64) for _ in seeds]
+    return [split_codes(layout, row) for row in tokens]

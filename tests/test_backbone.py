@@ -1,0 +1,231 @@
+"""Seed-keyed sampling and the batched backbone decode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from khala_cli.engine import backbone
+from khala_cli.engine.config import TransformerConfig
+from khala_cli.engine.sampling import hash_uniform, mix32, sample_top_k, seed_tensor
+from khala_cli.engine.tokens import TokenLayout
+from khala_cli.engine.transformer import Transformer
+
+LAYOUT = TokenLayout(audio_offset=300, codebook_size=64, num_quantizers=6, bos_id=1,
+                     end_of_song_id=2, no_use_id=4)
+CFG = TransformerConfig(vocab_size=LAYOUT.backbone_vocab, hidden_size=32, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=8, ffn_hidden_size=48,
+                        max_seq_len=256)
+PROMPT = [1, 17, 42, 99, 200, 298]
+Q0, Q1 = LAYOUT.layer_range(0), LAYOUT.layer_range(1)
+
+
+def make_model(seed: int = 0, eos_row_zero: bool = True) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(CFG).eval()
+    with torch.no_grad():
+        model.output.weight.mul_(8.0)  # peaky enough that seeds matter but not too much
+        if eos_row_zero:
+            # logit 0 for end-of-song: with a small top-k it is (almost) never drawn
+            model.output.weight[LAYOUT.end_of_song_id] = 0
+    return model
+
+
+def gen(model, seeds, **kw):
+    kw = {"top_k": 4, "temperature": 1.0, "max_new_tokens": 40} | kw
+    return backbone.generate(model, LAYOUT, PROMPT, seeds, **kw)
+
+
+# ---- sampling ---------------------------------------------------------------------
+
+
+def lowbias32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_mix32_matches_python_integers():
+    xs = [0, 1, 2, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789, 0xDEADBEEF]
+    got = mix32(torch.tensor(xs, dtype=torch.int64)).tolist()
+    assert got == [lowbias32(x) for x in xs]
+
+
+def test_seed_tensor_takes_any_int():
+    assert seed_tensor([0, 5, -1, 2**64 - 1, 2**63]).tolist() == [0, 5, -1, -1, -(2**63)]
+
+
+def test_hash_uniform_range_and_independence():
+    seeds = seed_tensor([7, 8])[:, None]
+    u = hash_uniform(seeds, 0, torch.arange(5000), torch.tensor(3))
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.02
+    assert not torch.equal(u[0], u[1])  # another seed, other noise
+    assert torch.equal(u[0], hash_uniform(seed_tensor([7]), 0, torch.arange(5000), torch.tensor(3)))
+
+
+def test_sample_top_k_follows_the_tempered_distribution():
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 5.0])
+    n = 20000
+    seeds = torch.zeros(n, dtype=torch.int64) + 11
+    steps = torch.arange(n)
+    for temperature in (1.0, 0.6):
+        got = sample_top_k(logits.expand(n, -1), seeds, top_k=3, temperature=temperature,
+                           stream=0, step=steps)
+        freq = torch.bincount(got, minlength=5).double() / n
+        top = torch.tensor([float("-inf"), 1.0, 2.0, float("-inf"), 5.0])
+        want = torch.softmax(top.double() / temperature, 0)
+        assert freq[0] == 0 and freq[3] == 0  # outside the top 3
+        torch.testing.assert_close(freq, want, atol=0.01, rtol=0)
+    # candidate ids stand in for columns, and top_k=1 is greedy
+    ids = torch.tensor([10, 11, 12, 13, 14])
+    out = sample_top_k(logits[None], seeds[:1], top_k=1, temperature=1.0, stream=0, step=0,
+                       candidate_ids=ids)
+    assert out.tolist() == [14]
+
+
+def test_sampling_row_independent_of_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    seeds = seed_tensor([5, 6, 7, 8])
+    batch = sample_top_k(logits, seeds, top_k=20, temperature=1.0, stream=0, step=torch.tensor([3]))
+    for i in range(4):
+        one = sample_top_k(logits[i : i + 1], seeds[i : i + 1], top_k=20, temperature=1.0,
+                           stream=0, step=torch.tensor([3]))
+        assert one.item() == batch[i].item()
+
+
+# ---- decode -----------------------------------------------------------------------
+
+
+def slow_decode(model, seed, n, top_k=4, temperature=1.0):
+    """Full recomputation every step, legal ids chosen by masking full-vocab logits."""
+    seq = list(PROMPT)
+    ids = {0: torch.tensor([*range(*Q0), LAYOUT.end_of_song_id]), 1: torch.arange(*Q1)}
+    out = []
+    with torch.no_grad():
+        for t in range(n):
+            logits = model(torch.tensor([seq]))[0, -1]
+            tok = sample_top_k(logits[ids[t % 2]][None], seed_tensor([seed]), top_k=top_k,
+                               temperature=temperature, stream=0, step=torch.tensor([t]),
+                               candidate_ids=ids[t % 2])
+            out.append(int(tok))
+            seq.append(int(tok))
+    return out
+
+
+def test_decode_equals_slow_recompute():
+    model = make_model()
+    raw = backbone.decode_tokens(model, LAYOUT, PROMPT, [3, 4], top_k=4, temperature=0.9,
+                                 max_new_tokens=30, stop_at_end=False)
+    assert raw.shape == (2, 30)
+    for row, seed in zip(raw, [3, 4], strict=True):
+        assert row.tolist() == slow_decode(model, seed, 30, temperature=0.9)
+
+
+def test_same_seed_same_tokens_and_different_seeds_differ():
+    model = make_model()
+    a, b = gen(model, [11, 12]), gen(model, [11, 12])
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert a[0].shape == a[1].shape == (2, 20)
+    assert not np.array_equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("reachable_end", [False, True])
+def test_seed_alone_equals_seed_in_batch_of_four(reachable_end):
+    model = make_model(eos_row_zero=not reachable_end)
+    kw = {"max_new_tokens": 200, "top_k": 65 if reachable_end else 4, "check_every": 8}
+    batch = gen(model, [100, 101, 102, 103], **kw)
+    lengths = [b.shape[1] for b in batch]
+    if reachable_end:  # rows end on their own, at different steps
+        assert len(set(lengths)) > 1 and min(lengths) < 100
+    for i, seed in enumerate([100, 101, 102, 103]):
+        np.testing.assert_array_equal(gen(model, [seed], **kw)[0], batch[i])
+
+
+def test_only_legal_ids_even_when_text_ids_dominate():
+    model = make_model(eos_row_zero=False)
+    with torch.no_grad():
+        w = model.output.weight
+        w[: LAYOUT.audio_offset] *= 1000  # text ids would win any full-vocab argmax
+        w[Q1[0] : Q1[1]] *= 50  # and q1 would beat q0 at q0 steps
+    raw = backbone.decode_tokens(model, LAYOUT, PROMPT, [1, 2, 3], top_k=50, temperature=1.4,
+                                 max_new_tokens=64, stop_at_end=False)
+    eos = LAYOUT.end_of_song_id
+    even, odd = raw[:, 0::2], raw[:, 1::2]
+    assert (((even >= Q0[0]) & (even < Q0[1])) | (even == eos)).all()
+    assert ((odd >= Q1[0]) & (odd < Q1[1])).all()
+    for codes in backbone.generate(model, LAYOUT, PROMPT, [1, 2, 3], top_k=50, temperature=1.4,
+                                   max_new_tokens=64):
+        assert codes.dtype == np.int64 and codes.shape[0] == 2
+        assert codes.min(initial=0) >= 0 and codes.max(initial=0) < LAYOUT.codebook_size
+
+
+def test_never_computes_full_vocab_logits():
+    model = make_model()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("full-vocabulary projection")
+
+    model.output.forward = boom
+    model.project = boom
+    assert gen(model, [1])[0].shape == (2, 20)
+
+
+def test_end_of_song_stops_each_row(monkeypatch):
+    model = make_model()
+    eos = LAYOUT.end_of_song_id
+    real = backbone.sample_top_k
+
+    def fake(logits, seeds, *, step, candidate_ids, **kw):
+        tok = real(logits, seeds, step=step, candidate_ids=candidate_ids, **kw)
+        # seed 1 ends at token 10, seed 3 at token 70, seed 2 runs to the cap
+        ends = torch.where(seeds == 1, 10, torch.where(seeds == 3, 70, 10**6))
+        return torch.where(ends == step, eos, tok)
+
+    monkeypatch.setattr(backbone, "sample_top_k", fake)
+    calls = []
+    out = backbone.generate(model, LAYOUT, PROMPT, [1, 2, 3], top_k=4, temperature=1.0,
+                            max_new_tokens=100, progress=lambda n, r: calls.append((n, r)),
+                            check_every=16)
+    assert [o.shape[1] for o in out] == [5, 50, 35]
+    assert calls and all(r > 0 for _, r in calls) and calls[-1][0] == 100
+    # once every row has ended, decoding stops at the next check, not at the cap
+    calls.clear()
+    raw = backbone.decode_tokens(model, LAYOUT, PROMPT, [3, 1], top_k=4, temperature=1.0,
+                                 max_new_tokens=100, progress=lambda n, r: calls.append((n, r)),
+                                 check_every=16)
+    assert raw.shape == (2, 80) and calls[-1][0] == 80
+    out = [backbone.split_codes(LAYOUT, row) for row in raw]
+    assert [o.shape[1] for o in out] == [35, 5]
+
+
+def test_max_tokens_cap_and_odd_count():
+    model = make_model()
+    raw = backbone.decode_tokens(model, LAYOUT, PROMPT, [5], top_k=4, temperature=1.0,
+                                 max_new_tokens=7)
+    assert raw.shape == (1, 7)
+    (codes,) = gen(model, [5], max_new_tokens=7)
+    assert codes.shape == (2, 3)  # the 7th token, a lone q0, is dropped
+    np.testing.assert_array_equal(codes[0], raw[0, 0:6:2] - Q0[0])
+    np.testing.assert_array_equal(codes[1], raw[0, 1:6:2] - Q1[0])
+    # the context length caps too: prompt 6 + 14 new = 20
+    (codes,) = gen(model, [5], max_new_tokens=100, max_seq_len=20)
+    assert codes.shape == (2, 7)
+    (codes,) = gen(model, [5], max_new_tokens=100, max_seq_len=len(PROMPT))
+    assert codes.shape == (2, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+@pytest.mark.parametrize("options", [{"cuda_graphs": True}, {"compile": True}])
+def test_cuda_accelerations_keep_tokens(options):
+    model = make_model().cuda()
+    plain = gen(model, [1, 2], max_new_tokens=300)
+    fast = gen(model, [1, 2], max_new_tokens=300, **options)
+    for a, b in zip(plain, fast, strict=True):
+        np.testing.assert_array_equal(a, b)
