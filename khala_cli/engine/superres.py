@@ -1,0 +1,156 @@
+"""Super-resolution: fill RVQ layers 2..Q-1 from q0/q1, one layer per non-causal pass.
+
+Rows [S, C]: the prompt (column 0 = text id, other columns pad), then one row per audio
+frame. The pass filling layer L marks the last prompt row with `layout.marker_id(L)`, runs
+the model over columns 0..L-1 with full attention, projects the audio rows' hidden states
+onto that layer's output rows only, and samples each frame (top-k, temperature 1) with noise
+keyed on (seed, L, frame, code). Batched seeds with different frame counts are padded at
+the end and their padding keys masked; S is the real length, not the reference's 8192.
+
+`upsample_reference_padded` is the reference's method (every row padded to a fixed length,
+ids re-embedded every pass, all rows projected), kept to check that the two agree and to
+benchmark the difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from khala_cli.engine.sampling import STREAM_SUPERRES, sample_top_k, seed_tensor
+from khala_cli.engine.tokens import PAD, TokenLayout
+from khala_cli.engine.transformer import Transformer
+
+REFERENCE_PAD_TO = 8192
+
+
+def _rows(layout: TokenLayout, prompt_ids: list[int], q01: list[np.ndarray], length: int, device) -> Tensor:
+    """ids [B, length, Q]: prompt rows, then the q0/q1 frames (as ids), all else PAD."""
+    p, q = len(prompt_ids), layout.num_quantizers
+    ids = torch.full((len(q01), length, q), PAD, dtype=torch.int64)
+    ids[:, :p, 0] = torch.tensor(prompt_ids, dtype=torch.int64)
+    for b, codes in enumerate(q01):
+        codes = _check_q01(layout, codes)
+        f = codes.shape[1]
+        ids[b, p : p + f, 0] = torch.from_numpy(codes[0]) + layout.layer_start(0)
+        ids[b, p : p + f, 1] = torch.from_numpy(codes[1]) + layout.layer_start(1)
+    return ids.to(device)
+
+
+def _check_q01(layout: TokenLayout, codes: np.ndarray) -> np.ndarray:
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.ndim != 2 or codes.shape[0] != 2:
+        raise ValueError(f"q01 codes must be [2, frames], got {codes.shape}")
+    if codes.size and (codes.min() < 0 or codes.max() >= layout.codebook_size):
+        raise ValueError("q01 codes outside 0..codebook_size-1")
+    return codes
+
+
+def _codes(layout: TokenLayout, ids: Tensor, p: int, frames: list[int]) -> list[np.ndarray]:
+    offsets = torch.tensor([layout.layer_start(i) for i in range(layout.num_quantizers)])
+    ids = ids.cpu()
+    return [(ids[b, p : p + f].T - offsets[:, None]).numpy().astype(np.int64) for b, f in enumerate(frames)]
+
+
+@torch.inference_mode()
+def upsample(
+    model: Transformer,
+    layout: TokenLayout,
+    prompt_ids: list[int],
+    q01: list[np.ndarray],
+    seeds: list[int],
+    *,
+    top_k: int = 10,
+    progress: Callable[[int, int], None] | None = None,
+    q_block: int | None = None,
+) -> list[np.ndarray]:
+    """q0/q1 codes ([2, frames] per seed) -> all layers' codes ([num_quantizers, frames],
+    offsets subtracted; rows 0 and 1 are the given q0, q1). One batch row per seed, the
+    same prompt for all. progress(layers_done, layers_total) after every pass."""
+    if len(q01) != len(seeds):
+        raise ValueError("one q01 array per seed")
+    if not seeds:
+        return []
+    if not prompt_ids:
+        raise ValueError("super-res needs a non-empty prompt (its last row carries the marker)")
+    device = model.embed.weight.device
+    dtype = model.embed.weight.dtype
+    p, nq = len(prompt_ids), layout.num_quantizers
+    frames = [int(np.asarray(c).shape[-1]) for c in q01]
+    fmax = max(frames)
+    s = p + fmax
+    ids = _rows(layout, prompt_ids, q01, s, device)
+    row = torch.arange(s, device=device)
+    real = row[None, :] < torch.tensor([p + f for f in frames], device=device)[:, None]  # [B, S]
+    key_mask = None if min(frames) == fmax else real
+    audio = real[:, p:]  # [B, F] frames that exist
+    seed_t = seed_tensor(seeds, device)[:, None]
+    frame_idx = torch.arange(fmax, device=device)
+    total = nq - 2
+
+    # Sum of the embeddings of columns 0..L-1 (fp32), grown by one column per pass; the
+    # marker row's embedding is set per pass (its only non-pad column is column 0).
+    acc = model.add_column(model.add_column(None, ids[..., 0]), ids[..., 1])
+    for layer in range(2, nq):
+        marker = layout.marker_id(layer)
+        ids[:, p - 1, 0] = marker
+        x = acc.clone()
+        x[:, p - 1] = model.embed.weight[marker].float()
+        if fmax == 0:
+            ids[:, :, layer] = PAD
+        else:
+            hidden = model.full_hidden(x.to(dtype), key_mask, q_block=q_block)[:, p:]
+            start, end = layout.layer_range(layer)
+            logits = model.project(hidden, slice(start, end))  # [B, F, codebook]
+            code = sample_top_k(logits, seed_t, top_k=top_k, temperature=1.0,
+                                stream=STREAM_SUPERRES + layer, step=frame_idx)
+            ids[:, p:, layer] = torch.where(audio, code + start, PAD)
+            acc = model.add_column(acc, ids[..., layer])
+        if progress is not None:
+            progress(layer - 1, total)
+    return _codes(layout, ids, p, frames)
+
+
+@torch.inference_mode()
+def upsample_reference_padded(
+    model: Transformer,
+    layout: TokenLayout,
+    prompt_ids: list[int],
+    q01: list[np.ndarray],
+    seeds: list[int],
+    *,
+    top_k: int = 10,
+    pad_to: int = REFERENCE_PAD_TO,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[np.ndarray]:
+    """The reference's method, one seed at a time: rows padded to max(pad_to, S) with their
+    keys masked, columns 0..L-1 embedded from ids every pass, every row projected onto the
+    layer's window and sampled, non-audio rows reset to pad. Same noise as `upsample`."""
+    if len(q01) != len(seeds):
+        raise ValueError("one q01 array per seed")
+    device = model.embed.weight.device
+    p, nq = len(prompt_ids), layout.num_quantizers
+    out = []
+    for codes, seed in zip(q01, seeds, strict=True):
+        f = int(np.asarray(codes).shape[-1])
+        s = max(pad_to, p + f)
+        ids = _rows(layout, prompt_ids, [codes], s, device)
+        key_mask = torch.arange(s, device=device)[None, :] < p + f
+        loss_mask = ids[..., 1] != PAD  # rows that carry audio
+        seed_t = seed_tensor([seed], device)[:, None]
+        frame_idx = (torch.arange(s, device=device) - p).clamp_min(0)
+        for layer in range(2, nq):
+            ids[:, p - 1, 0] = layout.marker_id(layer)
+            hidden = model.full_hidden(ids[..., :layer], key_mask)
+            start, end = layout.layer_range(layer)
+            logits = model.project(hidden, slice(start, end))
+            code = sample_top_k(logits, seed_t, top_k=top_k, temperature=1.0,
+                                stream=STREAM_SUPERRES + layer, step=frame_idx)
+            ids[..., layer] = torch.where(loss_mask, code + start, PAD)
+            if progress is not None:
+                progress(layer - 1, nq - 2)
+        out.extend(_codes(layout, ids, p, [f]))
+    return out
