@@ -258,6 +258,23 @@ def _nonempty(p: Path) -> bool:
         return False
 
 
-def temp_files(root: str | Path) -> list[Path]:
-    """Temporary files left under `root` (by a process that was killed mid-write)."""
-    return sorted(Path(root).rglob(f"{TMP_PREFIX}*"))
+def temp_files(root: str | Path, stems: set[str] | None = None) -> list[Path]:
+    """Temporary files left under `root` (by a process that was killed mid-write).
+
+    With `stems`, only those of these takes: shards of one array share job folders, and one
+    shard must not sweep away the files another is writing.
+    """
+    found = sorted(Path(root).rglob(f"{TMP_PREFIX}*"))
+    if stems is None:
+        return found
+    return [p for p in found if _tmp_stem(p.name) in stems]
+
+
+def _tmp_stem(name: str) -> str:
+    """'.tmp-night-wind-s1.codes.npy.ab12cd' -> 'night-wind-s1'."""
+    rest = name[len(TMP_PREFIX):]
+    for suffix in (".codes.npy.", ".wav.", ".mp3.", ".json."):
+        i = rest.rfind(suffix)
+        if i > 0:
+            return rest[:i]
+    return rest

@@ -232,3 +232,15 @@ def test_files_get_normal_permissions(tmp_path):
     files = outputs.write_take(r, tone(0.2), SR, info=INFO)
     for p in files.values():
         assert Path(p).stat().st_mode & 0o044 == 0o044, p  # group/other can read
+
+
+def test_temp_files_by_stem(tmp_path):
+    d = tmp_path / "job"
+    d.mkdir()
+    names = [".tmp-job-s1.wav.abc123", ".tmp-job-s1.codes.npy.x_1", ".tmp-job-s12.mp3.zz",
+             ".tmp-job-s2.json.q", "job-s1.wav"]
+    for n in names:
+        (d / n).write_text("x")
+    assert [p.name for p in outputs.temp_files(tmp_path)] == sorted(names[:4])
+    assert sorted(p.name for p in outputs.temp_files(tmp_path, {"job-s1"})) == sorted(names[:2])
+    assert [p.name for p in outputs.temp_files(tmp_path, {"job-s12"})] == [names[2]]
