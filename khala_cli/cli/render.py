@@ -366,6 +366,8 @@ def _render_locked(m, manifest: Path, model_dir: Path, info, *, started: datetim
             else:
                 log.event(ev, len(seen), len(to_run))
 
+        from khala_cli.runner.devices import DeviceError
+
         try:
             if display is not None:
                 display.start()
@@ -377,6 +379,9 @@ def _render_locked(m, manifest: Path, model_dir: Path, info, *, started: datetim
             outcomes = list(result.outcomes)
             interrupted = bool(result.interrupted)
             busy = dict(result.device_busy_s or {})
+        except DeviceError as exc:
+            _echo_err(f"error: {exc}")
+            return EXIT_MODEL
         except KeyboardInterrupt:
             # The runner normally turns Ctrl-C into an orderly stop; this is the fallback.
             outcomes, interrupted = seen, True
@@ -448,8 +453,14 @@ class _PlainLog:
 
     def event(self, ev: dict[str, Any], n_done: int, n_total: int) -> None:
         kind = ev.get("type")
-        if kind == "worker":
-            self.line(f"worker {ev.get('worker')} ({ev.get('device')}): {ev.get('state')}")
+        if kind == "interrupt":
+            self.line(f"interrupted: no new renders; running ones may finish for "
+                      f"{ev.get('grace', 0):g} s (interrupt again to stop at once)")
+        elif kind == "worker":
+            extra = f" (pid {ev['pid']})" if ev.get("pid") else ""
+            reason = f": {ev['error']}" if ev.get("error") else ""
+            self.line(f"worker {ev.get('worker')} ({ev.get('device')}): {ev.get('state')}"
+                      f"{extra}{reason}")
         elif kind == "progress":
             w = ev.get("worker")
             seeds = ",".join(str(s) for s in ev.get("seeds") or [])
@@ -518,10 +529,14 @@ class _TtyProgress:
 
     def event(self, ev: dict[str, Any]) -> None:
         kind = ev.get("type")
-        if kind == "worker":
+        if kind == "interrupt":
+            self.console.print(f"[yellow]interrupted[/yellow]: no new renders; running ones may "
+                               f"finish for {ev.get('grace', 0):g} s (interrupt again to stop "
+                               "at once)")
+        elif kind == "worker":
             t = self._worker_task(ev.get("worker"), ev.get("device"))
             self.progress.update(t, note=str(ev.get("state")))
-            if ev.get("state") in ("exited", "stopped", "dead", "replaced"):
+            if ev.get("state") in ("stopped", "died", "stalled", "failed", "oom"):
                 self.partial.pop(ev.get("worker"), None)
         elif kind == "progress":
             w = ev.get("worker")
@@ -541,9 +556,9 @@ class _TtyProgress:
         elif kind == "result":
             o = ev["outcome"]
             self.finished += 1
-            if o.status != "rendered":
+            if o.status == "failed":
                 self.failed += 1
-                self.console.print(f"[red]{o.status}[/red] {o.render.job_id} s{o.render.seed}: "
+                self.console.print(f"[red]failed[/red] {o.render.job_id} s{o.render.seed}: "
                                    f"{o.error}")
             for w, (job, seeds, f) in list(self.partial.items()):
                 if job == o.render.job_id and o.render.seed in seeds:
