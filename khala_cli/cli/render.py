@@ -103,6 +103,10 @@ def _model(m, *, build_demo: bool = True) -> tuple[Path | None, Any]:
     except ModelError as exc:
         _echo_err(f"error: model {m.model!r}"
                   + (f" ({m.path}:{m.model_line})" if m.model_line else "") + f": {exc}")
+        if "does not exist" in str(exc):
+            _echo_err("  A model directory is made once from the Khala download with "
+                      "`khala convert DOWNLOAD DIR` (see the README); `--model demo` tries "
+                      "the pipeline with the untrained demo model (noise).")
         sys.exit(EXIT_MODEL)
 
 
