@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import argparse
 import enum
+import importlib
+import io
 import pathlib
 import pickle
+import re
+import signal
 import types
 import typing
 from collections import OrderedDict
@@ -109,6 +113,8 @@ _PLACEHOLDER_NAMES = [
     "megatron.core.rerun_state_machine.RerunMode",
     "megatron.core.rerun_state_machine.RerunState",
     "megatron.core.rerun_state_machine.RerunDiagnostic",
+    "megatron.core.optimizer.OptimizerConfig",
+    "megatron.core.optimizer.optimizer_config.OptimizerConfig",
     "megatron.model.enums.ModelType",
     "megatron.model.enums.AttnMaskType",
     # Lightning hyper-parameters saved from an OmegaConf config.
@@ -142,6 +148,31 @@ def _real_allowed() -> list[tuple[Any, str]]:
         (typing.Any, "typing.Any"),
         (OrderedDict, "collections.OrderedDict"),
     ]
+    # What else Megatron puts into common.pt (megatron-core registers the same list):
+    # args.exit_signal, SimpleNamespace configs, byte buffers, numpy RNG state arrays.
+    allowed += [
+        (signal.Signals, "signal.Signals"),
+        (types.SimpleNamespace, "types.SimpleNamespace"),
+        (io.BytesIO, "_io.BytesIO"),
+    ]
+    try:
+        import numpy as np
+
+        allowed += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+        for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+            try:
+                m = importlib.import_module(mod)
+            except ImportError:
+                continue
+            allowed.append((m._reconstruct, f"{mod}._reconstruct"))
+        import numpy.dtypes as npd
+
+        for name in dir(npd):
+            obj = getattr(npd, name)
+            if isinstance(obj, type) and issubclass(obj, np.dtype):
+                allowed.append((obj, f"numpy.dtypes.{name}"))
+    except ImportError:
+        pass
     # OmegaConf metadata records container element types as plain type objects.
     for t in (dict, list, tuple, set, frozenset, str, int, float, bool, bytes, object):
         allowed.append((t, f"builtins.{t.__name__}"))
@@ -198,7 +229,12 @@ def safe_torch_load(path: str | Path, *, trust: bool = False, mmap: bool = False
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _is_zip(path))
         except pickle.UnpicklingError as exc:
-            raise UnsafeCheckpointError(path, detail=_first_line(exc)) from None
+            names = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+            if names:
+                raise UnsafeCheckpointError(path, names) from None
+            detail = next((ln.split("error:", 1)[-1].strip() for ln in str(exc).splitlines()
+                           if "WeightsUnpickler error" in ln), _first_line(exc))
+            raise UnsafeCheckpointError(path, detail=detail) from None
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
             raise CheckpointReadError(
                 f"{path}: cannot be read ({type(exc).__name__}: {_first_line(exc)}); "
