@@ -320,3 +320,77 @@ def test_mp3_failure_fails_the_render_and_keeps_the_others(tmp_path, demo_model_
     assert e["status"] == "failed" and "MP3 encoding failed" in e["error"]
     assert not (tmp_path / "out" / "lofi" / "lofi-s7.mp3").exists()
     assert not (tmp_path / "out" / "lofi" / "lofi-s7.json").exists()
+
+
+@pytest.mark.slow
+def test_render_on_a_terminal_shows_the_progress_display(tmp_path, demo_model_dir):
+    import pty
+    import select
+
+    path = tmp_path / "jobs.yaml"
+    path.write_text("model: demo\noutput_dir: out\njobs:\n  - id: one\n    mode: instrumental\n"
+                    "    tags: [Ambient]\n    max_minutes: 0.05\n")
+    env = {**os.environ, "KHALA_DEMO_DIR": str(demo_model_dir), "COLUMNS": "120",
+           "TERM": "xterm"}
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "khala_cli", "render", str(path),
+                             "--devices", "cpu"], stdin=slave, stdout=slave, stderr=slave,
+                            cwd=tmp_path, env=env, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 300)
+        if not ready:
+            proc.kill()
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=60) == 0
+    os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode("utf-8", "replace"))
+    assert "all renders" in text and "ETA" in text  # the overall bar
+    assert "cpu:0 one s1" in text  # the worker's line
+    assert "khala render: summary" in text
+    assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ ", text, re.M)  # no plain lines
+
+
+def test_output_dir_that_is_a_file_exits_3(tmp_path):
+    write_model_json(tmp_path / "model")
+    path = write_manifest(tmp_path)
+    (tmp_path / "out").write_text("not a folder")
+    r = invoke("render", path, "--devices", "cpu")
+    assert r.exit_code == 3 and "cannot create the output directory" in r.output
+
+
+@pytest.mark.slow
+def test_interrupt_exits_130_and_writes_the_report(tmp_path, demo_model_dir):
+    import signal
+    import time
+
+    path = write_manifest(tmp_path, model="demo")
+    env = {**os.environ, "KHALA_DEMO_DIR": str(demo_model_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "khala_cli", "render", str(path),
+                             "--devices", "cpu"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    # Wait for the first render to start, then interrupt: the run stops handing out work.
+    deadline = time.monotonic() + 300
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        seen.append(line)
+        if " backbone " in line or not line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, "".join(seen) + err
+    rep = json.loads((tmp_path / "out" / "reports" / "latest.json").read_text())
+    s = rep["summary"]
+    assert s["interrupted"] is True and s["exit_code"] == 130
+    assert s["rendered"] + s["cancelled"] == 3 and s["cancelled"] >= 1
+    assert outputs.temp_files(tmp_path / "out") == []
+    assert not (tmp_path / "out" / ".khala" / "lock").exists()

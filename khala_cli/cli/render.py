@@ -305,7 +305,12 @@ def render(manifest: Path, model: str | None, output_dir: Path | None, force: bo
         _echo_err(f"warning: {DEMO_LINE}")
 
     out_dir = m.output_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _echo_err(f"error: cannot create the output directory {out_dir}: "
+                  f"{exc.strerror or exc}")
+        sys.exit(EXIT_MODEL)
     from khala_cli.runner.lock import LockHeld, RunLock
 
     lock_dir = out_dir if shard_t is None else out_dir / ".khala" / \
