@@ -62,3 +62,68 @@ def convert_cmd(src: Path, dst: Path | None, iteration: str | None, tokenizer: P
     click.echo(f"fingerprint {info.fingerprint}")
     click.echo(f"use it with `model: {report.model_dir}` in a manifest, "
                f"or check it with `khala doctor --model {report.model_dir}`")
+
+
+def _planner():
+    """The runner's own memory defaults, so doctor and render agree on what a GPU holds."""
+    from khala_cli.runner import devices as dv
+    from khala_cli.weights.doctor import DevicePlan
+
+    def plan(total: int, free: int, model: Path) -> DevicePlan:
+        fp = dv.model_footprint(model)
+        dev = dv.Device(name="cuda:0", kind="cuda", index=0, memory_total=total, memory_free=free)
+        residency = dv.default_residency(dev, fp)
+        resident = fp.all_bytes if residency == "keep_loaded" else fp.largest_stage
+        return DevicePlan(
+            residency=residency,
+            batch_size=dv.default_batch_size(dev, fp, residency),
+            need_bytes=resident + fp.row_bytes + dv.HEADROOM,
+            one_shot_bytes=fp.largest_stage + fp.row_bytes + dv.HEADROOM,
+        )
+
+    return plan
+
+
+@cli.command("doctor")
+@click.option("--model", "model", type=click.Path(path_type=Path),
+              help="A model directory to check (completeness, fingerprints, tensor shapes).")
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="Where takes will be written (free space, write access).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
+def doctor_cmd(model: Path | None, output_dir: Path, as_json: bool) -> None:
+    """Check that this machine can render: Python, torch, CUDA devices and their free memory,
+    ffmpeg, the model directory, the residency and batch size each device can hold, disk space.
+
+    Each line is ok, warning or error with what to do. Exits 0 when rendering can work, 3 when
+    an error stands in the way. Torch and CUDA are probed in a child process.
+    """
+    from khala_cli.outputs import ffmpeg_exe
+    from khala_cli.runner.devices import discover_gpus
+    from khala_cli.weights import doctor
+    from khala_cli.weights.resolve import is_raw_download
+
+    findings = doctor.diagnose(
+        model, output_dir, find_ffmpeg=ffmpeg_exe, gpus_seen=len(discover_gpus()),
+        planner=_planner(), is_raw_download=is_raw_download,
+    )
+    code = doctor.exit_code(findings)
+    if as_json:
+        click.echo(doctor.as_json(findings))
+        sys.exit(code)
+    from rich.console import Console
+    from rich.markup import escape
+
+    out = Console(highlight=False, soft_wrap=True)
+    style = {doctor.OK: "green", doctor.WARNING: "yellow", doctor.ERROR: "bold red"}
+    width = max(len(f.topic) for f in findings)
+    for f in findings:
+        out.print(f"[{style[f.level]}]{f.level:<7}[/] {f.topic:<{width}}  {escape(f.message)}")
+        if f.fix and f.level != doctor.OK:
+            out.print(f"{'':<8} {'':<{width}}  [dim]-> {escape(f.fix)}[/]")
+    errors = sum(f.level == doctor.ERROR for f in findings)
+    warnings = sum(f.level == doctor.WARNING for f in findings)
+    if errors:
+        out.print(f"[bold red]{errors} error(s)[/]: rendering cannot work until they are fixed.")
+    else:
+        out.print(f"[green]rendering can work[/] ({warnings} warning(s)).")
+    sys.exit(code)
