@@ -1,0 +1,276 @@
+"""The whole Khala inference path over ids and arrays: backbone -> super-res -> codec.
+
+`Pipeline.from_dir` reads a model directory (configs, tokenizer, tensor names and shapes;
+weights load on first use). `render(requests)` runs every stage over all requests before
+the next stage starts (a wave), so in `one_shot` residency each stage's weights are loaded
+once per call and released when the next stage loads; `keep_loaded` keeps them resident.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from khala_cli.engine import modeldir
+from khala_cli.engine.config import CodecConfig, ModelInfo
+from khala_cli.engine.tokens import TokenLayout
+
+Progress = Callable[[str, int, int, dict], None]  # (phase, done, total, extra)
+
+RESIDENCIES = ("keep_loaded", "one_shot")
+STAGES = ("backbone", "superres", "codec")
+TOKENS_PER_MINUTE = 2584  # 21.5 frames/s x 2 tokens x 60 s, as the reference estimates
+_LOADING_PHASE = {"backbone": "loading_backbone", "superres": "loading_superres",
+                  "codec": "loading_decoder"}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Request:
+    """One prompt, several seeds -> one batched render."""
+
+    backbone_ids: list[int]
+    superres_ids: list[int]
+    seeds: list[int]
+    top_k_bb: int = 80
+    temperature: float = 1.0
+    top_k_sr: int = 10
+    max_new_tokens: int = 23552
+    duration: int = 3  # minutes, for the progress estimate 2584 * (duration + 0.8)
+
+    def expected_tokens(self) -> int:
+        """Backbone tokens the progress bar expects: the reference's estimate, capped."""
+        return max(1, min(int(TOKENS_PER_MINUTE * (self.duration + 0.8)), int(self.max_new_tokens)))
+
+
+@dataclass
+class Take:
+    """One seed's result. Timings are the wall seconds of the batched stage calls that
+    produced it (shared by the takes of one batch); total_s is their sum, and load_s the
+    weight loading done during this render."""
+
+    seed: int
+    codes: np.ndarray  # int64 [num_quantizers, frames]
+    audio: np.ndarray  # float32 [samples, channels]
+    backbone_tokens: int  # q0/q1 tokens kept (2 x frames)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r} (use one of {sorted(_DTYPES)})") from None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Pipeline:
+    layout: TokenLayout
+    info: ModelInfo
+    codec_config: CodecConfig
+    device: torch.device
+    dtype: torch.dtype
+
+    def __init__(self, model_dir: str | Path, device="cpu", dtype=None,
+                 residency: str = "keep_loaded", backbone_options: dict | None = None) -> None:
+        if residency not in RESIDENCIES:
+            raise ValueError(f"residency must be one of {RESIDENCIES}, got {residency!r}")
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.dtype = default_dtype(self.device) if dtype is None else _as_dtype(dtype)
+        self.residency = residency
+        self.backbone_options = dict(backbone_options or {})
+        self.info = modeldir.read_info(self.model_dir)
+        self.tokenizer = modeldir.load_tokenizer(self.model_dir)
+        self.layout = modeldir.layout(self.model_dir)
+        self.configs = {name: modeldir.read_config(self.model_dir, name) for name in STAGES}
+        self.codec_config = self.configs["codec"]
+        self._check()
+        self._models: dict[str, object] = {}
+        self._load_s = 0.0  # loading time since the last render started
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, device="cpu", dtype=None,
+                 residency: str = "keep_loaded", **kwargs) -> Pipeline:
+        """Read and check a model directory. Configs, tokenizer and every tensor's name and
+        shape are checked now (file headers only); the weights load on first use."""
+        return cls(model_dir, device=device, dtype=dtype, residency=residency, **kwargs)
+
+    def _check(self) -> None:
+        lay = self.layout
+        for which, need in (("backbone", lay.backbone_vocab), ("superres", lay.superres_vocab)):
+            if self.configs[which].vocab_size < need:
+                raise modeldir.ModelDirError(
+                    f"{self.model_dir / (which + '.json')}: vocab_size "
+                    f"{self.configs[which].vocab_size} < {need} ids of the token layout"
+                )
+        cc = self.codec_config
+        if (cc.num_codebooks, cc.codebook_size) != (lay.num_quantizers, lay.codebook_size):
+            raise modeldir.ModelDirError(
+                f"{self.model_dir / 'codec.json'}: {cc.num_codebooks} x {cc.codebook_size} "
+                f"codebooks, model.json says {lay.num_quantizers} x {lay.codebook_size}"
+            )
+        for name in STAGES:
+            modeldir.check_file(self.model_dir, name, self.configs[name])
+
+    # ---- residency ------------------------------------------------------------------------
+
+    def loaded(self) -> list[str]:
+        return [s for s in STAGES if s in self._models]
+
+    def _get(self, stage: str, progress: Progress | None):
+        model = self._models.get(stage)
+        if model is not None:
+            return model
+        if self.residency == "one_shot":
+            for other in STAGES:
+                if other != stage:
+                    self.release(other)
+        phase = _LOADING_PHASE[stage]
+        if progress:
+            progress(phase, 0, 1, {})
+        t = time.perf_counter()
+        if stage == "codec":
+            model = modeldir.load_codec(self.model_dir, self.device)
+        else:
+            model = modeldir.load_transformer(self.model_dir, stage, self.device, self.dtype)
+        _sync(self.device)
+        self._load_s += time.perf_counter() - t
+        self._models[stage] = model
+        if progress:
+            progress(phase, 1, 1, {})
+        return model
+
+    def load(self, stages: Sequence[str] = STAGES, progress: Progress | None = None) -> None:
+        """Load stages now (in `one_shot` only the last one named stays resident)."""
+        for s in stages:
+            self._get(s, progress)
+
+    def release(self, stage: str) -> None:
+        """Free one stage's weights ("backbone" | "superres" | "codec")."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if self._models.pop(stage, None) is None:
+            return
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- stages ---------------------------------------------------------------------------
+
+    def backbone(self, req: Request, progress: Progress | None = None) -> list[np.ndarray]:
+        """Per seed: int64 [2, frames] q0/q1 codes (0..codebook_size-1)."""
+        from khala_cli.engine.backbone import generate
+
+        if not req.seeds:
+            return []
+        model = self._get("backbone", progress)
+        total = req.expected_tokens()
+        cb = None
+        if progress:
+            def cb(done: int, tokens_per_s: float) -> None:
+                progress("backbone", min(int(done), total), total,
+                         {"tokens_per_s": float(tokens_per_s)})
+            progress("backbone", 0, total, {"tokens_per_s": 0.0})
+        out = generate(
+            model, self.layout, list(req.backbone_ids), list(req.seeds),
+            top_k=req.top_k_bb, temperature=req.temperature,
+            max_new_tokens=req.max_new_tokens, progress=cb, **self.backbone_options,
+        )
+        _sync(self.device)
+        return out
+
+    def superres(self, req: Request, q01: Sequence[np.ndarray],
+                 progress: Progress | None = None) -> list[np.ndarray]:
+        """Per seed: int64 [num_quantizers, frames] codes (rows 0, 1 are the given q0, q1)."""
+        from khala_cli.engine.superres import upsample
+
+        if len(q01) != len(req.seeds):
+            raise ValueError(f"{len(q01)} q0/q1 arrays for {len(req.seeds)} seeds")
+        if not req.seeds:
+            return []
+        model = self._get("superres", progress)
+        total = self.layout.num_quantizers - 2
+        cb = None
+        if progress:
+            def cb(done: int, total_: int) -> None:
+                progress("superres", int(done), int(total_), {})
+            progress("superres", 0, total, {})
+        out = upsample(model, self.layout, list(req.superres_ids), list(q01), list(req.seeds),
+                       top_k=req.top_k_sr, progress=cb)
+        _sync(self.device)
+        return out
+
+    def decode(self, codes: Sequence[np.ndarray], progress: Progress | None = None) -> list[np.ndarray]:
+        """Per item: float32 [frames * hop, channels] waveform at codec_config.sample_rate."""
+        if not codes:
+            return []
+        codec = self._get("codec", progress)
+        cb = None
+        if progress:
+            def cb(done: int, total: int) -> None:
+                progress("decoding", int(done), int(total), {})
+        return codec.decode_windowed(list(codes), progress=cb)
+
+    def render(self, requests: Sequence[Request], progress: Progress | None = None) -> list[list[Take]]:
+        """All three stages for every request, stage by stage; per request, one Take per seed.
+        Progress extras carry "request" (its index) during the backbone and super-res."""
+        self._load_s = 0.0
+
+        def tagged(i: int) -> Progress | None:
+            if progress is None:
+                return None
+            return lambda phase, done, total, extra: progress(phase, done, total, {**extra, "request": i})
+
+        times: list[dict[str, float]] = [{} for _ in requests]
+        load_s = 0.0
+
+        def stage_time(t0: float) -> float:
+            nonlocal load_s
+            loading, self._load_s = self._load_s, 0.0  # weight loading is not stage time
+            load_s += loading
+            return time.perf_counter() - t0 - loading
+
+        q01s, codes = [], []
+        for i, req in enumerate(requests):
+            t = time.perf_counter()
+            q01s.append(self.backbone(req, tagged(i)))
+            times[i]["backbone_s"] = stage_time(t)
+        for i, req in enumerate(requests):
+            t = time.perf_counter()
+            codes.append(self.superres(req, q01s[i], tagged(i)))
+            times[i]["superres_s"] = stage_time(t)
+        flat = [c for per_req in codes for c in per_req]
+        t = time.perf_counter()
+        audio = self.decode(flat, progress)
+        decode_s = stage_time(t)
+
+        out, k = [], 0
+        for i, req in enumerate(requests):
+            takes = []
+            for seed, q01, c in zip(req.seeds, q01s[i], codes[i], strict=True):
+                tm = {**times[i], "decode_s": decode_s}
+                tm["total_s"] = tm["backbone_s"] + tm["superres_s"] + decode_s
+                tm["load_s"] = load_s
+                takes.append(Take(seed=int(seed), codes=c, audio=audio[k],
+                                  backbone_tokens=2 * int(q01.shape[1]), timings=tm))
+                k += 1
+            out.append(takes)
+        return out
