@@ -245,7 +245,7 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _constr
 
 def _line_of(d: Any, key: Any, default: int) -> int:
     if isinstance(d, MarkedDict):
-        return d.key_lines.get(key, d.line or default)
+        return getattr(d, "key_lines", {}).get(key, d.line or default)
     return default
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +55,27 @@ def ffmpeg_exe() -> str:
     except ImportError:  # pragma: no cover - a declared dependency
         raise OutputError("no ffmpeg: none on PATH and imageio-ffmpeg is not installed") from None
     return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def check_ffmpeg() -> str | None:
+    """Why MP3s cannot be encoded here (no ffmpeg, or one without libmp3lame), or None.
+
+    Run before rendering, so a missing encoder fails the run in a second, not every render
+    after its generation."""
+    try:
+        exe = ffmpeg_exe()
+    except OutputError as exc:
+        return str(exc)
+    try:
+        proc = subprocess.run([exe, "-hide_banner", "-nostdin", "-encoders"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"cannot run ffmpeg {exe}: {exc}"
+    if proc.returncode != 0:
+        return f"ffmpeg {exe} -encoders failed: {proc.stderr.strip()[-500:] or proc.returncode}"
+    if "libmp3lame" not in proc.stdout:
+        return f"ffmpeg {exe} has no libmp3lame encoder (needed for the MP3s)"
+    return None
 
 
 @contextmanager

@@ -309,7 +309,12 @@ def test_render_demo_in_a_subprocess_plain_output(tmp_path, demo_model_dir):
 def test_mp3_failure_fails_the_render_and_keeps_the_others(tmp_path, demo_model_dir):
     write_manifest(tmp_path, model="demo")
     path = tmp_path / "jobs.yaml"
-    env = {**os.environ, "KHALA_DEMO_DIR": str(demo_model_dir), "KHALA_FFMPEG": "/bin/false"}
+    # An ffmpeg that passes the pre-flight check (it lists libmp3lame) but cannot encode.
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\ncase \"$*\" in *-encoders*) echo ' A..... libmp3lame'; "
+                    "exit 0;; esac\necho 'Error opening output: disk on fire' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "KHALA_DEMO_DIR": str(demo_model_dir), "KHALA_FFMPEG": str(fake)}
     proc = subprocess.run([sys.executable, "-m", "khala_cli", "render", str(path), "--devices",
                            "cpu", "--only", "lofi", "--retries", "0"], capture_output=True,
                           text=True, cwd=tmp_path, env=env, timeout=600)
@@ -318,6 +323,8 @@ def test_mp3_failure_fails_the_render_and_keeps_the_others(tmp_path, demo_model_
     rep = json.loads((tmp_path / "out" / "reports" / "latest.json").read_text())
     (e,) = rep["renders"]
     assert e["status"] == "failed" and "MP3 encoding failed" in e["error"]
+    assert "disk on fire" in e["error"]
+    assert (tmp_path / "out" / "lofi" / "lofi-s7.wav").exists()  # the WAV is kept
     assert not (tmp_path / "out" / "lofi" / "lofi-s7.mp3").exists()
     assert not (tmp_path / "out" / "lofi" / "lofi-s7.json").exists()
 
@@ -357,6 +364,21 @@ def test_render_on_a_terminal_shows_the_progress_display(tmp_path, demo_model_di
     assert "cpu:0 one s1" in text  # the worker's line
     assert "khala render: summary" in text
     assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ ", text, re.M)  # no plain lines
+
+
+def test_missing_mp3_encoder_exits_3_before_rendering(tmp_path, monkeypatch):
+    write_model_json(tmp_path / "model")
+    path = write_manifest(tmp_path)
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\necho ' A..... aac'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("KHALA_FFMPEG", str(fake))
+    r = invoke("render", path, "--devices", "cpu")
+    assert r.exit_code == 3 and "no libmp3lame" in r.output
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("KHALA_FFMPEG", str(tmp_path / "nothing-here"))
+    r = invoke("validate", path)
+    assert r.exit_code == 3 and "cannot run ffmpeg" in r.output
 
 
 def test_output_dir_that_is_a_file_exits_3(tmp_path):

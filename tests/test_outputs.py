@@ -244,3 +244,9 @@ def test_temp_files_by_stem(tmp_path):
     assert [p.name for p in outputs.temp_files(tmp_path)] == sorted(names[:4])
     assert sorted(p.name for p in outputs.temp_files(tmp_path, {"job-s1"})) == sorted(names[:2])
     assert [p.name for p in outputs.temp_files(tmp_path, {"job-s12"})] == [names[2]]
+
+
+def test_check_ffmpeg(tmp_path, monkeypatch):
+    assert outputs.check_ffmpeg() is None  # the real binary has libmp3lame
+    monkeypatch.setenv("KHALA_FFMPEG", "/bin/false")
+    assert "-encoders failed" in outputs.check_ffmpeg()

@@ -143,6 +143,7 @@ def validate(manifest: Path, model: str | None, max_renders: int) -> None:
     """
     m = _load(manifest, max_renders=max_renders, output_dir=None, model=model)
     model_dir, info = _model(m, build_demo=False)
+    _ffmpeg()
     minutes = sum(j.est_minutes * len(j.seeds) for j in m.jobs)
     click.echo(f"ok: {manifest}: {len(m.jobs)} job{'s' if len(m.jobs) != 1 else ''}, "
                f"{m.render_count} render{'s' if m.render_count != 1 else ''}, "
@@ -301,6 +302,7 @@ def render(manifest: Path, model: str | None, output_dir: Path | None, force: bo
     only_t = _only(m, only)
     devs = _devices(devices)
     model_dir, info = _model(m)
+    _ffmpeg()
     if info.demo:
         _echo_err(f"warning: {DEMO_LINE}")
 
@@ -326,6 +328,15 @@ def render(manifest: Path, model: str | None, output_dir: Path | None, force: bo
         _echo_err(f"error: {exc}")
         sys.exit(EXIT_LOCKED)
     sys.exit(code)
+
+
+def _ffmpeg() -> None:
+    from khala_cli.outputs import check_ffmpeg
+
+    problem = check_ffmpeg()
+    if problem:
+        _echo_err(f"error: {problem}")
+        sys.exit(EXIT_MODEL)
 
 
 def _devices(spec: str) -> list:
