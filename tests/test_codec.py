@@ -163,3 +163,25 @@ def test_decode_progress_counts_windows(codec):
     seen = []
     codec.decode_windowed([random_codes(200), random_codes(50)], progress=lambda d, t: seen.append((d, t)))
     assert seen[0] == (0, 5) and seen[-1] == (5, 5)  # 200 frames: 4 windows; 50: 1
+
+
+def test_out_of_memory_halves_the_window_batch(monkeypatch):
+    codec = make_codec(window=40, overlap=10)
+    codec.fold_weight_norm()
+    songs = [random_codes(150, seed=8), random_codes(150, seed=9)]  # 5 windows of 40 each
+    expected = codec.decode_windowed(songs, window_batch=1)
+    inner = codec.decoder.forward
+    sizes = []
+
+    def limited(z):
+        sizes.append(z.shape[0])
+        if z.shape[0] > 2:
+            raise torch.OutOfMemoryError("pretend the device is full")
+        return inner(z)
+
+    monkeypatch.setattr(codec.decoder, "forward", limited)
+    monkeypatch.setattr(codec, "window_batch_size", lambda frames: 8)
+    got = codec.decode_windowed(songs)
+    assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) <= 2
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
