@@ -8,7 +8,7 @@ import torch
 
 from khala_cli.engine import backbone
 from khala_cli.engine.config import TransformerConfig
-from khala_cli.engine.sampling import hash_uniform, mix32, sample_top_k, seed_tensor
+from khala_cli.engine.sampling import hash_uniform, mix32, row_keys, sample_top_k, seed_tensor
 from khala_cli.engine.tokens import TokenLayout
 from khala_cli.engine.transformer import Transformer
 
@@ -40,18 +40,18 @@ def gen(model, seeds, **kw):
 # ---- sampling ---------------------------------------------------------------------
 
 
-def lowbias32(x: int) -> int:
+def mix_by_hand(x: int) -> int:
     x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = (x * 0x21F0AAAD) % 2**32
     x ^= x >> 15
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
-    return x ^ (x >> 16)
+    x = (x * 0x735A2D97) % 2**32
+    return x ^ (x >> 15)
 
 
 def test_mix32_matches_python_integers():
     xs = [0, 1, 2, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789, 0xDEADBEEF]
     got = mix32(torch.tensor(xs, dtype=torch.int64)).tolist()
-    assert got == [lowbias32(x) for x in xs]
+    assert got == [mix_by_hand(x) for x in xs]
 
 
 def test_seed_tensor_takes_any_int():
@@ -59,22 +59,26 @@ def test_seed_tensor_takes_any_int():
 
 
 def test_hash_uniform_range_and_independence():
-    seeds = seed_tensor([7, 8])[:, None]
-    u = hash_uniform(seeds, 0, torch.arange(5000), torch.tensor(3))
+    keys = row_keys(seed_tensor([7, 8]), 0)[:, None]
+    u = hash_uniform(keys, torch.arange(5000), torch.tensor(3))
     assert float(u.min()) > 0 and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.02
     assert not torch.equal(u[0], u[1])  # another seed, other noise
-    assert torch.equal(u[0], hash_uniform(seed_tensor([7]), 0, torch.arange(5000), torch.tensor(3)))
+    assert torch.equal(u[0], hash_uniform(row_keys(seed_tensor([7]), 0), torch.arange(5000), torch.tensor(3)))
+    # streams and candidates are keyed too
+    assert not torch.equal(u[0], hash_uniform(row_keys(seed_tensor([7]), 1), torch.arange(5000), torch.tensor(3)))
+    assert not torch.equal(u[0], hash_uniform(keys[0], torch.arange(5000), torch.tensor(4)))
+    # neighbouring steps are uncorrelated
+    assert abs(float(torch.corrcoef(torch.stack([u[0, :-1], u[0, 1:]]))[0, 1])) < 0.05
 
 
 def test_sample_top_k_follows_the_tempered_distribution():
     logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 5.0])
     n = 20000
-    seeds = torch.zeros(n, dtype=torch.int64) + 11
+    keys = row_keys(torch.zeros(n, dtype=torch.int64) + 11, 0)
     steps = torch.arange(n)
     for temperature in (1.0, 0.6):
-        got = sample_top_k(logits.expand(n, -1), seeds, top_k=3, temperature=temperature,
-                           stream=0, step=steps)
+        got = sample_top_k(logits.expand(n, -1), keys, top_k=3, temperature=temperature, step=steps)
         freq = torch.bincount(got, minlength=5).double() / n
         top = torch.tensor([float("-inf"), 1.0, 2.0, float("-inf"), 5.0])
         want = torch.softmax(top.double() / temperature, 0)
@@ -82,19 +86,18 @@ def test_sample_top_k_follows_the_tempered_distribution():
         torch.testing.assert_close(freq, want, atol=0.01, rtol=0)
     # candidate ids stand in for columns, and top_k=1 is greedy
     ids = torch.tensor([10, 11, 12, 13, 14])
-    out = sample_top_k(logits[None], seeds[:1], top_k=1, temperature=1.0, stream=0, step=0,
-                       candidate_ids=ids)
+    out = sample_top_k(logits[None], keys[:1], top_k=1, temperature=1.0, step=0, candidate_ids=ids)
     assert out.tolist() == [14]
 
 
 def test_sampling_row_independent_of_batch():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    seeds = seed_tensor([5, 6, 7, 8])
-    batch = sample_top_k(logits, seeds, top_k=20, temperature=1.0, stream=0, step=torch.tensor([3]))
+    keys = row_keys(seed_tensor([5, 6, 7, 8]), 0)
+    batch = sample_top_k(logits, keys, top_k=20, temperature=1.0, step=torch.tensor([3]))
     for i in range(4):
-        one = sample_top_k(logits[i : i + 1], seeds[i : i + 1], top_k=20, temperature=1.0,
-                           stream=0, step=torch.tensor([3]))
+        one = sample_top_k(logits[i : i + 1], keys[i : i + 1], top_k=20, temperature=1.0,
+                           step=torch.tensor([3]))
         assert one.item() == batch[i].item()
 
 
@@ -109,8 +112,8 @@ def slow_decode(model, seed, n, top_k=4, temperature=1.0):
     with torch.no_grad():
         for t in range(n):
             logits = model(torch.tensor([seq]))[0, -1]
-            tok = sample_top_k(logits[ids[t % 2]][None], seed_tensor([seed]), top_k=top_k,
-                               temperature=temperature, stream=0, step=torch.tensor([t]),
+            tok = sample_top_k(logits[ids[t % 2]][None], row_keys(seed_tensor([seed]), 0),
+                               top_k=top_k, temperature=temperature, step=torch.tensor([t]),
                                candidate_ids=ids[t % 2])
             out.append(int(tok))
             seq.append(int(tok))
@@ -181,9 +184,12 @@ def test_end_of_song_stops_each_row(monkeypatch):
     eos = LAYOUT.end_of_song_id
     real = backbone.sample_top_k
 
-    def fake(logits, seeds, *, step, candidate_ids, **kw):
-        tok = real(logits, seeds, step=step, candidate_ids=candidate_ids, **kw)
+    key = {int(row_keys(seed_tensor([s]), 0)): s for s in (1, 2, 3)}
+
+    def fake(logits, keys, *, step, candidate_ids, **kw):
+        tok = real(logits, keys, step=step, candidate_ids=candidate_ids, **kw)
         # seed 1 ends at token 10, seed 3 at token 70, seed 2 runs to the cap
+        seeds = torch.tensor([key[int(k)] for k in keys])
         ends = torch.where(seeds == 1, 10, torch.where(seeds == 3, 70, 10**6))
         return torch.where(ends == step, eos, tok)
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from khala_cli.engine.sampling import STREAM_BACKBONE, sample_top_k, seed_tensor
+from khala_cli.engine.sampling import STREAM_BACKBONE, row_keys, sample_top_k, seed_tensor
 from khala_cli.engine.tokens import TokenLayout
 from khala_cli.engine.transformer import Transformer
 
@@ -39,7 +39,7 @@ class _Decoder:
             1: torch.arange(*q1, device=dev),
         }
         self.weights = {0: w[self.ids[0]].contiguous(), 1: w[q1[0] : q1[1]]}
-        self.seeds = seeds
+        self.keys = row_keys(seeds, STREAM_BACKBONE)
         b = seeds.shape[0]
         self.tokens = torch.zeros(b, max_new, dtype=torch.int64, device=dev)
         self.tok = torch.zeros(b, dtype=torch.int64, device=dev)  # last sampled token
@@ -49,8 +49,8 @@ class _Decoder:
     def sample(self, hidden: Tensor, parity: int) -> None:
         """Sample token `step` from hidden [B, hidden]; record it; advance the counters."""
         logits = torch.nn.functional.linear(hidden, self.weights[parity])
-        tok = sample_top_k(logits, self.seeds, top_k=self.top_k, temperature=self.temperature,
-                           stream=STREAM_BACKBONE, step=self.step, candidate_ids=self.ids[parity])
+        tok = sample_top_k(logits, self.keys, top_k=self.top_k, temperature=self.temperature,
+                           step=self.step, candidate_ids=self.ids[parity])
         self.tokens.index_copy_(1, self.step, tok[:, None])
         self.tok.copy_(tok)
         self.pos.add_(1)
@@ -149,6 +149,8 @@ def decode_tokens(
             step = _GraphRunner(step, st)
 
         eos = layout.end_of_song_id
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # once, so the rate leaves the prefill out
         t0 = time.perf_counter()
         done_steps = max_new
         for t in range(1, max_new):
@@ -158,12 +160,13 @@ def decode_tokens(
                     done_steps = t + 1
                     break
                 if progress is not None:
-                    progress(t + 1, (t + 1) / max(time.perf_counter() - t0, 1e-9))
+                    progress(t + 1, t / max(time.perf_counter() - t0, 1e-9))
         tokens = st.tokens[:, :done_steps].cpu().numpy()
+        elapsed = time.perf_counter() - t0
     finally:
         model.clear_cache()
     if progress is not None:
-        progress(done_steps, done_steps / max(time.perf_counter() - t0, 1e-9))
+        progress(done_steps, (done_steps - 1) / elapsed if done_steps > 1 else 0.0)
     return tokens
 
 
@@ -201,7 +204,8 @@ def generate(
     subtracted (0..codebook_size-1). A row stops at end-of-song (not emitted) or after
     max_new_tokens (capped so prompt + tokens fit max_seq_len and the config's); an odd
     count drops the last, unpaired q0. progress(tokens_done, tokens_per_s): tokens decoded
-    per row so far and the per-row rate, every `check_every` steps and at the end.
+    per row so far and the per-row rate of the steps after the prefill, every
+    `check_every` steps and once at the end.
     options: check_every, compile (torch.compile of the decode step), cuda_graphs (a CUDA
     graph of the step per kv-length bucket) -- the last two for CUDA, default off.
     """

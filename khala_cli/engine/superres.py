@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from khala_cli.engine.sampling import STREAM_SUPERRES, sample_top_k, seed_tensor
+from khala_cli.engine.sampling import STREAM_SUPERRES, row_keys, sample_top_k, seed_tensor
 from khala_cli.engine.tokens import PAD, TokenLayout
 from khala_cli.engine.transformer import Transformer
 
@@ -87,7 +87,7 @@ def upsample(
     real = row[None, :] < torch.tensor([p + f for f in frames], device=device)[:, None]  # [B, S]
     key_mask = None if min(frames) == fmax else real
     audio = real[:, p:]  # [B, F] frames that exist
-    seed_t = seed_tensor(seeds, device)[:, None]
+    seed_t = seed_tensor(seeds, device)
     frame_idx = torch.arange(fmax, device=device)
     total = nq - 2
 
@@ -105,8 +105,8 @@ def upsample(
             hidden = model.full_hidden(x.to(dtype), key_mask, q_block=q_block)[:, p:]
             start, end = layout.layer_range(layer)
             logits = model.project(hidden, slice(start, end))  # [B, F, codebook]
-            code = sample_top_k(logits, seed_t, top_k=top_k, temperature=1.0,
-                                stream=STREAM_SUPERRES + layer, step=frame_idx)
+            keys = row_keys(seed_t, STREAM_SUPERRES + layer)[:, None]
+            code = sample_top_k(logits, keys, top_k=top_k, temperature=1.0, step=frame_idx)
             ids[:, p:, layer] = torch.where(audio, code + start, PAD)
             acc = model.add_column(acc, ids[..., layer])
         if progress is not None:
@@ -140,15 +140,15 @@ def upsample_reference_padded(
         ids = _rows(layout, prompt_ids, [codes], s, device)
         key_mask = torch.arange(s, device=device)[None, :] < p + f
         loss_mask = ids[..., 1] != PAD  # rows that carry audio
-        seed_t = seed_tensor([seed], device)[:, None]
+        seed_t = seed_tensor([seed], device)
         frame_idx = (torch.arange(s, device=device) - p).clamp_min(0)
         for layer in range(2, nq):
             ids[:, p - 1, 0] = layout.marker_id(layer)
             hidden = model.full_hidden(ids[..., :layer], key_mask)
             start, end = layout.layer_range(layer)
             logits = model.project(hidden, slice(start, end))
-            code = sample_top_k(logits, seed_t, top_k=top_k, temperature=1.0,
-                                stream=STREAM_SUPERRES + layer, step=frame_idx)
+            keys = row_keys(seed_t, STREAM_SUPERRES + layer)[:, None]
+            code = sample_top_k(logits, keys, top_k=top_k, temperature=1.0, step=frame_idx)
             ids[..., layer] = torch.where(loss_mask, code + start, PAD)
             if progress is not None:
                 progress(layer - 1, nq - 2)
