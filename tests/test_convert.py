@@ -586,3 +586,45 @@ def test_module_entry_point(download, tmp_path):
                            str(tmp_path / "m"), "--quiet"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert modeldir.verify(tmp_path / "m") == []
+
+
+# VmHWM (this process's own high-water RSS), not ru_maxrss: on Linux a child's ru_maxrss
+# starts at its parent's peak, which would measure pytest.
+_MEASURE = """
+import json, sys
+import psutil, torch  # noqa: F401  (the baseline holds torch and megatron-core imported)
+from khala_cli.weights.convert import convert
+from khala_cli.weights.megatron import import_dist_checkpointing
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+import_dist_checkpointing()
+base = psutil.Process().memory_info().rss
+before = hwm()
+convert(sys.argv[1], sys.argv[2])
+print(json.dumps({"base": base, "peak": hwm(), "hwm_before": before}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_peak_memory_stays_under_twice_the_largest_model(tmp_path):
+    """A ~80 MB-per-transformer checkpoint with ~4x that in optimizer state: converting it
+    grows the process by less than twice the largest converted model."""
+    import json
+
+    arch = dict(hidden_size=512, num_layers=8, num_attention_heads=8, num_query_groups=4,
+                kv_channels=64, ffn_hidden_size=1408)
+    root = tmp_path / "dl"
+    write_raw_download(root, vocab_padding=16000, backbone_args=arch, superres_args=arch)
+    dst = tmp_path / "model"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(root), str(dst)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    largest = max((dst / f"{s}.safetensors").stat().st_size for s in ("backbone", "superres"))
+    optimizer = sum(p.stat().st_size for p in (root / "checkpoints").rglob("*.distcp"))
+    assert optimizer > 6 * largest  # the checkpoints are mostly optimizer state
+    assert m["peak"] - m["base"] < 2 * largest, (m, largest)

@@ -366,6 +366,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *,
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     iterations: dict[str, Any] = {}
     skipped: dict[str, int] = {}
+    written = 0
     try:
         with single_process_group():
             for stage, path in (("backbone", sources.backbone), ("superres", sources.superres)):
@@ -374,16 +375,17 @@ def convert(src: str | Path, dst: str | Path | None = None, *,
                 )
                 iterations[stage] = facts["iteration"]
                 skipped[stage] = facts["skipped"]
-                if progress:
-                    progress("writing", 0, 1, stage)
                 modeldir.write_component(tmp, stage, config, tensors, dtype=torch.bfloat16)
+                written += 1
+                if progress:
+                    progress("writing", written, 4, f"{stage}.safetensors")
                 del tensors
         codec_cfg, codec_tensors, facts = convert_codec(sources.codec, trust=trust, progress=progress)
         skipped["codec"] = facts["skipped"]
         modeldir.write_component(tmp, "codec", codec_cfg, codec_tensors, dtype=torch.float32)
         del codec_tensors
         if progress:
-            progress("writing", 0, 1, "model.json")
+            progress("writing", 3, 4, "codec.safetensors")
         source = (
             f"{sources.root} (backbone iter {iterations['backbone']}, superres iter "
             f"{iterations['superres']}, decoder {sources.codec.name})"
@@ -397,7 +399,7 @@ def convert(src: str | Path, dst: str | Path | None = None, *,
         except modeldir.ModelDirError as exc:
             raise ConvertError(str(exc)) from None
         if progress:
-            progress("writing", 1, 1, "done")
+            progress("writing", 4, 4, "model.json, tokenizer.json")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -412,25 +414,23 @@ CONVERT_ERRORS = (ConvertError, MegatronError, UnsafeCheckpointError, Checkpoint
 
 
 class RichProgress:
-    """One rich progress bar per stage (backbone, superres, codec, writing)."""
+    """One rich progress bar per stage: backbone, super-res (bytes read), decoder, writing."""
 
-    LABELS = {"backbone": "backbone", "superres": "super-res", "codec": "decoder", "writing": "writing"}
+    STAGES = {"backbone": "backbone", "superres": "super-res", "codec": "decoder",
+              "writing": "writing"}
 
     def __init__(self, console=None):
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
-            TextColumn("{task.description:<10}"), BarColumn(), DownloadColumn(binary_units=True),
-            TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console,
-            transient=False,
+            TextColumn("{task.description:<10}"), BarColumn(),
+            TextColumn("{task.fields[amount]:>22}"), TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(), console=console, transient=False,
         )
-        self._tasks: dict[str, Any] = {}
+        self._tasks = {
+            stage: self._progress.add_task(label, total=1, start=False, amount="", note="")
+            for stage, label in self.STAGES.items()
+        }
 
     def __enter__(self) -> RichProgress:
         self._progress.__enter__()
@@ -440,20 +440,18 @@ class RichProgress:
         self._progress.__exit__(*exc)
 
     def __call__(self, stage: str, done: int, total: int, unit: str) -> None:
-        note = "" if unit in ("B", "steps") else unit
-        scale = 1 if unit == "B" else 0
-        if stage not in self._tasks:
-            self._tasks[stage] = self._progress.add_task(
-                self.LABELS.get(stage, stage), total=max(total * scale, 1) if scale else None,
-                note=note,
-            )
-        task = self._tasks[stage]
-        if scale:
-            self._progress.update(task, completed=done, total=max(total, 1), note=note)
+        task = self._tasks.get(stage)
+        if task is None:
+            return
+        if not self._progress.tasks[task].started:
+            self._progress.start_task(task)
+        if unit == "B":
+            amount, note = f"{done / 2**20:,.1f}/{total / 2**20:,.1f} MiB", ""
         else:
-            finished = done >= total
-            self._progress.update(task, note=note, total=1 if finished else None,
-                                  completed=1 if finished else 0)
+            amount, note = f"{done}/{total}", "" if unit == "steps" else unit
+        self._progress.update(task, completed=done, total=max(total, 1), amount=amount, note=note)
+        if done >= total:
+            self._progress.stop_task(task)
 
 
 def main(argv: list[str] | None = None) -> int:
