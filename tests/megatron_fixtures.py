@@ -1,7 +1,8 @@
 """Write tiny checkpoints in exactly the on-disk formats of the Khala download.
 
 - Megatron `torch_dist`: `latest_checkpointed_iteration.txt`, `iter_XXXXXXX/` with DCP shards
-  (`__0_0.distcp`, `.metadata`) written by torch.distributed.checkpoint, `common.pt` (training
+  (`__0_0.distcp`, `.metadata`) written through megatron-core's own sharded-tensor save path
+  (stacked layer tensors in per-layer chunks, as Megatron writes them), `common.pt` (training
   args Namespace with real Megatron enums, iteration, scheduler state...), `metadata.json`.
   Model tensors use the Transformer Engine layer-spec names, per layer or stacked with a
   leading layer axis; the shards also hold optimizer state (Adam moments, fp32 master
@@ -11,8 +12,9 @@
   states, loops, callbacks and OmegaConf-style hyper-parameters.
 - A tokenizer with the Llama-3.1 special-token names (byte-level, tiny).
 
-megatron-core's own `save` needs CUDA, so the shards are written with torch DCP directly;
-megatron-core reads them back like a real Megatron checkpoint.
+megatron-core's `dist_checkpointing.save` wants CUDA, so the fixture runs the same steps on a
+one-rank gloo group: ShardedTensor -> torch sharded tensor -> DCP with Megatron's save planner
+(or, with writer="flat", a flat dict saved with torch DCP alone).
 """
 
 from __future__ import annotations
@@ -158,41 +160,124 @@ def _bytes_blob(obj) -> io.BytesIO:
     return buf
 
 
+def fuse_fc1(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The SwiGLU pair as Megatron keeps it without singleton local shards: one
+    `linear_fc1.weight` / `.bias` of [gate; up] rows (stored as two chunks)."""
+    out = {}
+    for k, v in tensors.items():
+        if k.endswith(("linear_fc1.weight_v", "linear_fc1.bias_v")):
+            continue
+        if k.endswith(("linear_fc1.weight_w", "linear_fc1.bias_w")):
+            base = k[:-2]
+            axis = 1 if not base.split("decoder.layers.")[1][0].isdigit() else 0
+            out[base] = torch.cat([v, tensors[base + "_v"]], dim=axis)
+        else:
+            out[k] = v
+    return out
+
+
+def _sharded(key: str, t: torch.Tensor, num_layers: int) -> list:
+    """Megatron ShardedTensors for one full tensor, chunked as Megatron saves it: a stacked
+    layer tensor as one chunk per layer, a fused fc1 as a gate chunk and an up chunk."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    tail = key[len("decoder.layers."):] if key.startswith("decoder.layers.") else ""
+    stacked = bool(tail) and not tail[0].isdigit()
+    fused = key.endswith(("linear_fc1.weight", "linear_fc1.bias"))
+    layers = range(num_layers) if stacked else [None]
+    out = []
+    for i in layers:
+        part = t[i] if stacked else t
+        prepend = [(0, i, num_layers)] if stacked else []
+        n = len(prepend)
+        if fused:
+            for j, piece in enumerate(torch.chunk(part, 2, dim=0)):
+                out.append(ShardedTensor.from_rank_offsets(
+                    key, piece.contiguous(), *prepend, (n, j, 2), replica_id=0, prepend_axis_num=n))
+        else:
+            out.append(ShardedTensor.from_rank_offsets(
+                key, part.contiguous(), *prepend, replica_id=0, prepend_axis_num=n))
+    return out
+
+
+def _write_with_megatron(it_dir: Path, entries: dict[str, object], num_layers: int) -> None:
+    """megatron-core's own save path on CPU: ShardedTensors/ShardedObjects -> torch sharded
+    tensors -> torch.distributed.checkpoint with Megatron's save planner (one gloo rank).
+    (`dist_checkpointing.save` itself wants CUDA and worker processes.)"""
+    from megatron.core.dist_checkpointing import ShardedObject
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+
+    from khala_cli.weights.megatron import single_process_group
+
+    sharded: dict[str, object] = {}
+    for key, value in entries.items():
+        if isinstance(value, ShardedObject):
+            sharded[f"{value.key}@{value.global_offset}"] = value
+        else:
+            for j, sh in enumerate(_sharded(key, value, num_layers)):
+                sharded[f"{key}#{j}"] = sh
+    with single_process_group():
+        flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded)
+        pyt = mcore_to_pyt_state_dict(flat, False)
+        dcp.save(pyt, storage_writer=dcp.FileSystemWriter(str(it_dir)),
+                 planner=MCoreSavePlanner(flatten_state_dict=False))
+
+
 def write_megatron_checkpoint(root: Path, args: argparse.Namespace,
                               tensors: dict[str, torch.Tensor], *, iteration: int = 1000,
                               optimizer: bool = True, extra_state: bool = True,
-                              common_extra: dict | None = None) -> Path:
-    """A Megatron torch_dist checkpoint: returns the `iter_XXXXXXX` directory."""
+                              common_extra: dict | None = None, writer: str = "megatron") -> Path:
+    """A Megatron torch_dist checkpoint: returns the `iter_XXXXXXX` directory.
+
+    writer="megatron": through megatron-core's sharded-tensor save path (chunked as Megatron
+    chunks; TE _extra_state and RNG state as sharded objects); writer="flat": a flat dict of
+    whole tensors and byte blobs saved with torch DCP alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.dist_checkpointing import ShardedObject
     it_dir = root / f"iter_{iteration:07d}"
     it_dir.mkdir(parents=True, exist_ok=True)
-    sd: dict[str, object] = dict(tensors)
+    layers = args.num_layers
+    entries: dict[str, object] = dict(tensors)
     if optimizer:  # the bulk of a training checkpoint: Adam moments + fp32 master weights
         for k, v in tensors.items():
             for what in ("exp_avg", "exp_avg_sq", "fp32_param"):
-                sd[f"optimizer.state.{what}.{k}"] = torch.full(v.shape, 7.0, dtype=torch.float32)
-        sd["optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_(torch.bfloat16, "
-           "torch.bfloat16).bucket_idx_0.exp_avg"] = torch.zeros(64)
-    if extra_state:  # TE _extra_state blobs (FP8 metadata; sharded objects -> bytes entries)
-        layers = args.num_layers
+                entries[f"optimizer.state.{what}.{k}"] = torch.full(v.shape, 7.0, dtype=torch.float32)
+    blobs: dict[str, object] = {}
+    if extra_state:  # TE _extra_state (FP8 metadata) per layer, and the RNG state
         for mod in ("self_attention.linear_qkv", "self_attention.linear_proj",
                     "self_attention.core_attention", "mlp.linear_fc1", "mlp.linear_fc2"):
-            sd[f"decoder.layers.{mod}._extra_state/shard_0_{layers}"] = _bytes_blob(None)
-        sd["rng_state/shard_0.0_1.1"] = _bytes_blob([{"random_rng_state": (3, (1, 2), None),
-                                                      "torch_rng_state": torch.zeros(8, dtype=torch.uint8)}])
+            for i in range(layers):
+                blobs[f"decoder.layers.{mod}._extra_state/shard_{i}_{layers}"] = ShardedObject(
+                    f"decoder.layers.{mod}._extra_state", None, (layers,), (i,), replica_id=0)
+        rng = [{"random_rng_state": (3, (1, 2), None), "torch_rng_state": torch.zeros(8, dtype=torch.uint8)}]
+        blobs["rng_state/shard_0.0_1.1"] = ShardedObject("rng_state", rng, (1, 1), (0, 0), replica_id=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(it_dir)), no_dist=True)
+        if writer == "megatron":
+            entries.update(blobs)
+            _write_with_megatron(it_dir, entries, layers)
+        elif writer == "flat":
+            for name, obj in blobs.items():
+                entries[name] = _bytes_blob(obj.data)
+            dcp.save(entries, storage_writer=dcp.FileSystemWriter(str(it_dir)), no_dist=True)
+        else:
+            raise ValueError(f"writer must be 'megatron' or 'flat', not {writer!r}")
     common = {
         "args": args, "checkpoint_version": 3.0, "iteration": iteration,
         "num_floating_point_operations_so_far": 1.5e18,
         "opt_param_scheduler": {"max_lr": 1e-4, "min_lr": 1e-5, "num_steps": iteration * 8,
                                 "decay_style": "cosine"},
-        "optimizer": {"param_state_sharding_type": "dp_zero_gather_scatter",
+        "optimizer": {"param_state_sharding_type": "fully_sharded_model_space",
                       "optimizer": {"param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95),
                                                       "eps": 1e-8, "weight_decay": 0.1,
                                                       "params": [0, 1, 2]}]}},
         "content_metadata": {"singleton_local_shards": False, "distrib_optim_sharding_type":
-                             "dp_zero_gather_scatter", "chained_optim_avoid_prefix": True},
+                             "fully_sharded_model_space", "chained_optim_avoid_prefix": True},
     }
     common.update(common_extra or {})
     torch.save(common, it_dir / "common.pt")
@@ -355,7 +440,8 @@ class RunsCodeOnLoad:
 
 
 def write_raw_download(root: Path, *, tokenizer_json: Path | None = None, codec: CodecConfig = CODEC,
-                       seed: int = 0, stacked: bool = False, vocab_padding: int = 5,
+                       seed: int = 0, stacked: bool = False, fused_fc1: bool = False,
+                       writer: str = "megatron", vocab_padding: int = 5,
                        backbone_args: dict | None = None, superres_args: dict | None = None,
                        dac_extra: dict | None = None) -> dict:
     """The download's layout: checkpoints/{backbone,superresolution}/ (Megatron),
@@ -379,8 +465,9 @@ def write_raw_download(root: Path, *, tokenizer_json: Path | None = None, codec:
         overrides = (backbone_args if name == "backbone" else superres_args) or {}
         args = megatron_args(vocab, **overrides)
         tensors = megatron_model_tensors(args, rows, seed=seed + 10 * i, stacked=stacked)
-        write_megatron_checkpoint(root / "checkpoints" / name, args, tensors,
-                                  iteration=1000 * (i + 1))
+        stored = fuse_fc1(tensors) if fused_fc1 else tensors
+        write_megatron_checkpoint(root / "checkpoints" / name, args, stored,
+                                  iteration=1000 * (i + 1), writer=writer)
         out[name] = {"args": args, "tensors": tensors, "rows": rows}
     gen = dac_generator_tensors(codec, seed=seed)
     write_lightning_checkpoint(root / "checkpoints" / "dac_rvq_2490000.ckpt", gen, codec,

@@ -216,10 +216,16 @@ def test_tensor_values_carried_exactly(converted):
     assert torch.equal(ours["output.weight"], t["output_layer.weight"])
 
 
-def test_stacked_layers_convert_to_the_same_model(download, converted, tmp_path):
-    _, raw, report = converted
-    root = tmp_path / "stacked"
-    write_raw_download(root, stacked=True)  # same seed: same tensors, stacked keys
+@pytest.mark.parametrize("stacked,fused_fc1,writer", [
+    (True, False, "megatron"),  # decoder.layers.<name> [layers, ...], one chunk per layer
+    (True, True, "megatron"),  # ... and linear_fc1.weight as [gate; up] chunks
+    (False, True, "megatron"),
+    (False, False, "flat"),  # whole tensors saved by torch DCP alone
+])
+def test_other_layouts_convert_to_the_same_model(converted, tmp_path, stacked, fused_fc1, writer):
+    _, _, report = converted
+    root = tmp_path / "dl"
+    write_raw_download(root, stacked=stacked, fused_fc1=fused_fc1, writer=writer)  # same seed
     rep = convert(root, tmp_path / "out")
     assert same_tensors(rep.model_dir, report.model_dir)
 
@@ -421,7 +427,7 @@ def test_object_outside_allow_list_in_dcp_metadata(tmp_path):
     meta = sorted((root / "checkpoints" / "backbone").glob("iter_*/.metadata"))[0]
     with open(meta, "rb") as f:
         md = pickle.load(f)
-    md.planner_data["hook"] = RunsCodeOnLoad(marker)
+    md.planner_data = {"hook": RunsCodeOnLoad(marker)}
     with open(meta, "wb") as f:
         pickle.dump(md, f)
     dst = tmp_path / "model"
