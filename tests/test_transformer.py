@@ -228,8 +228,11 @@ def test_kv_cache_decode_matches_recompute(batch):
         full = model(seq[:, :prompt_len])
         torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
         for t in range(prompt_len, prompt_len + steps):
-            # keys read only up to a bucket past the position, as the decoder does
-            h = model.decode_hidden(seq[:, t : t + 1], torch.tensor([t]), kv_len=min(40, t + 1 + t % 3))
+            # keys read up to a bucket past the position (masked), or exactly (no mask)
+            if t % 2:
+                h = model.decode_hidden(seq[:, t : t + 1], torch.tensor([t]), kv_len=min(40, t + 1 + t % 3))
+            else:
+                h = model.decode_hidden(seq[:, t : t + 1], torch.tensor([t]), kv_len=t + 1, masked=False)
             step_logits = model.project(h)[:, -1]
             full = model(seq[:, : t + 1])[:, -1]
             torch.testing.assert_close(step_logits, full, rtol=1e-4, atol=1e-4)

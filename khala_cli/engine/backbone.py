@@ -21,8 +21,9 @@ from khala_cli.engine.tokens import TokenLayout
 from khala_cli.engine.transformer import Transformer
 
 CHECK_EVERY = 64  # steps between host looks (stop at end-of-song, progress)
-KV_BUCKET = 256  # keys are read up to the next multiple of this (a CUDA graph per bucket)
-KV_BUCKET_CUDA_GRAPH = 1024
+# Compiled / graphed steps read keys up to the next multiple of this, with a causal mask
+# (one compiled graph / CUDA graph per bucket); the eager step reads exactly the past keys.
+KV_BUCKET = 1024
 
 
 class _Decoder:
@@ -56,9 +57,10 @@ class _Decoder:
         self.pos.add_(1)
         self.step.add_(1)
 
-    def step_fn(self, parity: int, kv_len: int) -> None:
-        """Feed `tok` at `pos`, sample the next token (of the given parity)."""
-        h = self.model.decode_hidden(self.tok[:, None], self.pos, kv_len)
+    def step_fn(self, parity: int, kv_len: int, masked: bool = True) -> None:
+        """Feed `tok` at `pos`, sample the next token (of the given parity). masked=False:
+        kv_len is exactly pos + 1 (eager decoding reads no key past the position)."""
+        h = self.model.decode_hidden(self.tok[:, None], self.pos, kv_len, masked=masked)
         self.sample(h[:, -1], parity)
 
 
@@ -126,7 +128,7 @@ def decode_tokens(
         return np.zeros((b, 0), dtype=np.int64)
     cache_len = p + max_new
     graphs = cuda_graphs and device.type == "cuda"
-    bucket = KV_BUCKET_CUDA_GRAPH if graphs else KV_BUCKET
+    eager = not (graphs or compile)
 
     model.setup_cache(b, cache_len)
     try:
@@ -134,7 +136,7 @@ def decode_tokens(
         # Prefill once (row 0) and copy the prompt's keys/values to every row: the same
         # numbers whatever the batch size.
         prompt = torch.tensor([prompt_ids], dtype=torch.int64, device=device)
-        h = model.decode_hidden(prompt, torch.arange(p, device=device), _kv_len(p, bucket, cache_len))
+        h = model.decode_hidden(prompt, torch.arange(p, device=device), p)
         model.copy_cache_row(0, p)
         st.pos.fill_(p - 1)  # `sample` advances it to p, where token 0 goes in
         st.sample(h[:, -1].expand(b, -1), 0)
@@ -143,7 +145,7 @@ def decode_tokens(
         if compile:
             step = torch.compile(step, dynamic=False)
             torch._dynamo.config.cache_size_limit = max(
-                torch._dynamo.config.cache_size_limit, 2 * math.ceil(cache_len / bucket) + 8
+                torch._dynamo.config.cache_size_limit, 2 * math.ceil(cache_len / KV_BUCKET) + 8
             )
         if graphs:
             step = _GraphRunner(step, st)
@@ -154,7 +156,10 @@ def decode_tokens(
         t0 = time.perf_counter()
         done_steps = max_new
         for t in range(1, max_new):
-            step(t % 2, _kv_len(p + t, bucket, cache_len))
+            if eager:
+                step(t % 2, p + t, False)
+            else:
+                step(t % 2, _kv_len(p + t, KV_BUCKET, cache_len))
             if (t + 1) % check_every == 0:
                 if stop_at_end and bool((st.tokens[:, 0 : t + 1 : 2] == eos).any(dim=1).all()):
                     done_steps = t + 1

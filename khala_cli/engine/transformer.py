@@ -101,10 +101,17 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if input_pos is not None:  # cached causal decode; `mask` is [1, 1, s, kv_len]
+        if input_pos is not None:  # cached causal decode; `mask`: [1, 1, s, kv_len] or None
             assert self.cache is not None, "call setup_cache() first"
             k, v = self.cache.update(input_pos, k, v, kv_len)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            if s == 1:
+                # One query per head: fold each KV group's query heads into the query axis
+                # (head h = g * rep + r reads group g), one SDPA over kv_heads, no K/V copy.
+                g = self.num_kv_heads
+                y = F.scaled_dot_product_attention(q.view(b, g, -1, self.head_dim), k, v, attn_mask=mask)
+                y = y.view(b, self.num_heads, 1, self.head_dim)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         elif causal:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -232,16 +239,22 @@ class Transformer(nn.Module):
     def _inputs(self, x: Tensor) -> Tensor:
         return x if x.is_floating_point() else self.embed_ids(x)
 
-    def decode_hidden(self, x: Tensor, input_pos: Tensor, kv_len: int | None = None) -> Tensor:
+    def decode_hidden(
+        self, x: Tensor, input_pos: Tensor, kv_len: int | None = None, *, masked: bool = True
+    ) -> Tensor:
         """Causal pass through the KV cache. x: ids [B, S] (or embeddings), B <= cache batch;
         input_pos: [S] absolute positions (device tensor); kv_len: keys read (host int,
-        > max(input_pos)); default the whole cache. Returns normed hidden [B, S, hidden]."""
+        > max(input_pos)), default the whole cache. masked=False skips the causal mask: only
+        for one query at position kv_len - 1, which sees every key read. Returns normed
+        hidden [B, S, hidden]."""
         kv_len = self.cache_len if kv_len is None else kv_len
         h = self._inputs(x)
         cos_t, sin_t = self._rope_table(self.cache_len, h.device)
         cos, sin = cos_t[input_pos], sin_t[input_pos]
-        key_pos = torch.arange(kv_len, device=h.device)
-        mask = (key_pos[None, :] <= input_pos[:, None])[None, None]
+        mask = None
+        if masked:
+            key_pos = torch.arange(kv_len, device=h.device)
+            mask = (key_pos[None, :] <= input_pos[:, None])[None, None]
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos=input_pos, kv_len=kv_len, mask=mask)
         return self.norm(h)

@@ -1,0 +1,233 @@
+"""`khala bench`: our decode and super-res against naive / reference-style baselines.
+
+Everything runs on one random model in the same process, so the ratios compare like with
+like: the same weights, prompt, token counts and threads.
+
+- decode_vs_naive: backbone tokens/s (B=1) of `backbone.decode_tokens` over a naive decode
+  of the same weights (KV cache grown by concatenation, K/V repeated per head, full-vocab
+  logits, one host sync per token).
+- batch8_vs_batch1: aggregate tokens/s at B=8 over B=1.
+  Both decode `decode_tokens` tokens after a context of `context_len` tokens and time the
+  decode steps only (not the prefill). The bench model's KV cache per token is to its
+  weights as the real model's is to its weights at 4x the context, so a 1024-token context
+  stands for ~4k tokens into a real song: about the middle of a 3-4 minute decode.
+- superres_vs_padded: time of a super-res run at the real length S over the reference's
+  method with rows padded to max(8192, S), scaled to the bench: padded length =
+  S x max(8192, S_song) / S_song for a reference song of `song_minutes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from khala_cli.engine import backbone, superres
+from khala_cli.engine.config import TransformerConfig
+from khala_cli.engine.tokens import TokenLayout
+from khala_cli.engine.transformer import Transformer, apply_rope, rope_angles
+
+FRAME_RATE = 44100 / 2048  # codec frames per second of the real model
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    hidden_size: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    ffn_hidden_size: int = 1408
+    text_vocab: int = 8192
+    codebook_size: int = 512
+    num_quantizers: int = 6
+    context_len: int = 1024  # backbone prompt: decoding starts this far into the context
+    decode_tokens: int = 256
+    batch: int = 8
+    superres_prompt_len: int = 64
+    superres_frames: int = 448
+    song_minutes: float = 2.0  # the reference song whose padding the bench scales
+    song_prompt_len: int = 300
+    top_k: int = 80
+    rounds: int = 2
+    seed: int = 0
+
+    def layout(self) -> TokenLayout:
+        return TokenLayout(audio_offset=self.text_vocab, codebook_size=self.codebook_size,
+                           num_quantizers=self.num_quantizers, bos_id=0, end_of_song_id=1,
+                           no_use_id=4)
+
+    def config(self) -> TransformerConfig:
+        layout = self.layout()
+        return TransformerConfig(
+            vocab_size=layout.superres_vocab, hidden_size=self.hidden_size,
+            num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, ffn_hidden_size=self.ffn_hidden_size,
+            max_seq_len=max(self.context_len + self.decode_tokens, 64),
+        )
+
+    def padding_factor(self) -> float:
+        song = self.song_prompt_len + round(FRAME_RATE * 60 * self.song_minutes)
+        return max(8192, song) / song
+
+
+MID = BenchSpec()
+TINY = BenchSpec(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                 ffn_hidden_size=64, text_vocab=300, codebook_size=16, num_quantizers=4,
+                 context_len=8, decode_tokens=24, superres_prompt_len=8, superres_frames=24,
+                 top_k=8, rounds=1)
+
+
+@torch.inference_mode()
+def naive_decode(model: Transformer, layout: TokenLayout, prompt_ids: list[int], n_tokens: int,
+                 *, top_k: int, temperature: float, seed: int) -> tuple[list[int], float]:
+    """The textbook decode loop, as a baseline: a growing cache, K/V repeated per head,
+    full-vocabulary logits, `torch.multinomial`, and `.item()` every token.
+    Returns the tokens and the seconds spent after the prefill (the first forward)."""
+    c = model.config
+    device = model.embed.weight.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    legal = {
+        0: torch.tensor([*range(*layout.layer_range(0)), layout.end_of_song_id], device=device),
+        1: torch.arange(*layout.layer_range(1), device=device),
+    }
+    rep = c.num_heads // c.num_kv_heads
+    cache: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * c.num_layers
+    ids = torch.tensor([prompt_ids], device=device)
+    pos = torch.arange(len(prompt_ids), device=device)
+    out: list[int] = []
+    t0 = 0.0
+    for t in range(n_tokens):
+        if t == 1:
+            t0 = time.perf_counter()
+        x = model.embed_ids(ids)
+        cos, sin = rope_angles(pos, c.head_dim, c.rope_base)
+        b, s, _ = x.shape
+        for i, layer in enumerate(model.layers):
+            a, h = layer.attn, layer.attn_norm(x)
+            q = a.wq(h).view(b, s, c.num_heads, c.head_dim).transpose(1, 2)
+            k = a.wk(h).view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            v = a.wv(h).view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cache[i] is not None:
+                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+            cache[i] = (k, v)
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1)
+            x = x + a.wo(y.transpose(1, 2).reshape(b, s, -1))
+            x = x + layer.mlp(layer.mlp_norm(x))
+        logits = model.output(model.norm(x[:, -1])).float()[0]  # the whole vocabulary
+        cand = legal[t % 2]
+        vals, idx = torch.topk(logits[cand], min(top_k, len(cand)))
+        choice = torch.multinomial(torch.softmax(vals / temperature, -1), 1, generator=gen)
+        tok = int(cand[idx[choice]].item())
+        out.append(tok)
+        ids = torch.tensor([[tok]], device=device)
+        pos = torch.tensor([len(prompt_ids) + t], device=device)
+    return out, time.perf_counter() - t0
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run_bench(spec: BenchSpec = MID, device: str = "cpu", threads: int | None = None,
+              log: Callable[[str], None] | None = None) -> dict:
+    """Measure everything on one random model; returns the JSON-ready results.
+    threads: torch CPU threads for the run (default: torch's own choice)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(spec, torch.device(device), log or (lambda _msg: None))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -> dict:
+    layout, cfg = spec.layout(), spec.config()
+    torch.manual_seed(spec.seed)
+    model = Transformer(cfg).to(dev).eval()
+    params = sum(p.numel() for p in model.parameters())
+    rng = np.random.default_rng(spec.seed)
+    top_text = spec.text_vocab - spec.num_quantizers - 1  # below the super-res markers
+    context = rng.integers(5, top_text, spec.context_len).tolist()
+    n = spec.decode_tokens
+
+    def ours(batch: int, tokens: int = n) -> float:
+        """Per-row decode steps per second, after the prefill."""
+        rates = []
+        backbone.decode_tokens(model, layout, context, list(range(batch)), top_k=spec.top_k,
+                               temperature=1.0, max_new_tokens=tokens, stop_at_end=False,
+                               check_every=tokens + 1, progress=lambda _n, r: rates.append(r))
+        return rates[-1]
+
+    def naive() -> float:
+        _, seconds = naive_decode(model, layout, context, n, top_k=spec.top_k, temperature=1.0,
+                                  seed=0)
+        return (n - 1) / seconds
+
+    log(f"bench model: {params / 1e6:.1f} M parameters ({params * 4 / 2**20:.0f} MiB fp32), "
+        f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
+    ours(1, 16)  # warm-up
+    best = {"ours1": 0.0, "naive": 0.0, "ours8": 0.0}
+    for r in range(spec.rounds):  # interleaved rounds, best of each: less noise from load
+        log(f"backbone round {r + 1}/{spec.rounds}: {n} tokens after a {spec.context_len}-token "
+            f"context: ours B=1, naive B=1, ours B={spec.batch} ...")
+        best["ours1"] = max(best["ours1"], ours(1))
+        best["naive"] = max(best["naive"], naive())
+        best["ours8"] = max(best["ours8"], spec.batch * ours(spec.batch))
+    tps1, tps_naive, tps_b = best["ours1"], best["naive"], best["ours8"]
+
+    frames = spec.superres_frames
+    q01 = [rng.integers(0, spec.codebook_size, (2, frames))]
+    prompt = context[: spec.superres_prompt_len]
+    s_real = spec.superres_prompt_len + frames
+    factor = spec.padding_factor()
+    s_pad = max(round(s_real * factor), s_real)
+    passes = spec.num_quantizers - 2
+    log(f"super-res: {passes} passes at the real S={s_real}, then the reference's method "
+        f"padded to {s_pad} ...")
+    t_sr = _timed(lambda: superres.upsample(model, layout, prompt, q01, [0]), dev)
+    t_pad = _timed(lambda: superres.upsample_reference_padded(model, layout, prompt, q01, [0],
+                                                             pad_to=s_pad), dev)
+
+    return {
+        "decode_vs_naive": tps1 / tps_naive,
+        "batch8_vs_batch1": tps_b / tps1,
+        "superres_vs_padded": t_pad / t_sr,
+        "superres_padding_factor": s_pad / s_real,
+        "targets": {
+            "decode_vs_naive": 1.5,
+            "batch8_vs_batch1": 4.0,
+            "superres_vs_padded": 0.5 * s_pad / s_real,
+        },
+        "backbone_tokens_per_s": tps1,
+        "naive_tokens_per_s": tps_naive,
+        "batch1_tokens_per_s": tps1,
+        "batch8_tokens_per_s": tps_b,
+        "batch": spec.batch,
+        "decode_tokens": n,
+        "context_tokens": spec.context_len,
+        "superres_seq_len": s_real,
+        "superres_padded_len": s_pad,
+        "superres_passes": passes,
+        "superres_pass_s": t_sr / passes,
+        "superres_padded_pass_s": t_pad / passes,
+        "params": params,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "spec": dataclasses.asdict(spec),
+    }
