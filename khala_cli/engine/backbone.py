@@ -143,10 +143,9 @@ def decode_tokens(
 
         step = st.step_fn
         if compile:
-            step = torch.compile(step, dynamic=False)
-            torch._dynamo.config.cache_size_limit = max(
-                torch._dynamo.config.cache_size_limit, 2 * math.ceil(cache_len / KV_BUCKET) + 8
-            )
+            # kv_len becomes a dynamic size after its first change: a few compiles, not one
+            # per bucket.
+            step = torch.compile(step)
         if graphs:
             step = _GraphRunner(step, st)
 

@@ -97,12 +97,12 @@ def upsample(
     for layer in range(2, nq):
         marker = layout.marker_id(layer)
         ids[:, p - 1, 0] = marker
-        x = acc.clone()
-        x[:, p - 1] = model.embed.weight[marker].float()
+        x = acc.to(dtype, copy=True)
+        x[:, p - 1] = model.embed.weight[marker]
         if fmax == 0:
             ids[:, :, layer] = PAD
         else:
-            hidden = model.full_hidden(x.to(dtype), key_mask, q_block=q_block)[:, p:]
+            hidden = model.full_hidden(x, key_mask, q_block=q_block)[:, p:]
             start, end = layout.layer_range(layer)
             logits = model.project(hidden, slice(start, end))  # [B, F, codebook]
             keys = row_keys(seed_t, STREAM_SUPERRES + layer)[:, None]
