@@ -634,3 +634,30 @@ def test_peak_memory_stays_under_twice_the_largest_model(tmp_path):
     optimizer = sum(p.stat().st_size for p in (root / "checkpoints").rglob("*.distcp"))
     assert optimizer > 6 * largest  # the checkpoints are mostly optimizer state
     assert m["peak"] - m["base"] < 2 * largest, (m, largest)
+
+
+def test_disk_full_while_writing(download, tmp_path, monkeypatch):
+    root, _ = download
+    from khala_cli.engine import modeldir as md
+
+    real = md.write_component
+
+    def full(directory, name, *a, **kw):
+        if name == "superres":
+            raise OSError(28, "No space left on device", str(Path(directory) / "superres.safetensors.tmp"))
+        return real(directory, name, *a, **kw)
+
+    monkeypatch.setattr(md, "write_component", full)
+    dst = tmp_path / "model"
+    with pytest.raises(ConvertError, match="No space left"):
+        convert(root, dst)
+    assert_nothing_left(dst)
+
+
+def test_without_megatron_core(download, tmp_path, monkeypatch):
+    root, _ = download
+    monkeypatch.setitem(sys.modules, "megatron.core", None)
+    dst = tmp_path / "model"
+    with pytest.raises(MegatronError, match=r"khala-cli\[convert\]"):
+        convert(root, dst)
+    assert_nothing_left(dst)

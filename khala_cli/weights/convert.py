@@ -390,16 +390,17 @@ def convert(src: str | Path, dst: str | Path | None = None, *,
             f"{sources.root} (backbone iter {iterations['backbone']}, superres iter "
             f"{iterations['superres']}, decoder {sources.codec.name})"
         )
-        try:
-            info = modeldir.finish_model_dir(
-                tmp, final, name=name or final.name, demo=False, source=source,
-                num_quantizers=codec_cfg.num_codebooks, codebook_size=codec_cfg.codebook_size,
-                tokenizer_src=sources.tokenizer,
-            )
-        except modeldir.ModelDirError as exc:
-            raise ConvertError(str(exc)) from None
+        info = modeldir.finish_model_dir(
+            tmp, final, name=name or final.name, demo=False, source=source,
+            num_quantizers=codec_cfg.num_codebooks, codebook_size=codec_cfg.codebook_size,
+            tokenizer_src=sources.tokenizer,
+        )
         if progress:
             progress("writing", 4, 4, "model.json, tokenizer.json")
+    except modeldir.ModelDirError as exc:
+        raise ConvertError(str(exc)) from None
+    except OSError as exc:  # a full disk, a permission: say which file
+        raise ConvertError(f"conversion failed: {exc}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
