@@ -429,7 +429,8 @@ class RichProgress:
             TimeElapsedColumn(), console=console, transient=False,
         )
         self._tasks = {
-            stage: self._progress.add_task(label, total=1, start=False, amount="", note="")
+            stage: self._progress.add_task(label, total=1, start=False, visible=False,
+                                           amount="", note="")
             for stage, label in self.STAGES.items()
         }
 
@@ -446,6 +447,7 @@ class RichProgress:
             return
         if not self._progress.tasks[task].started:
             self._progress.start_task(task)
+            self._progress.update(task, visible=True)
         if unit == "B":
             amount, note = f"{done / 2**20:,.1f}/{total / 2**20:,.1f} MiB", ""
         else:

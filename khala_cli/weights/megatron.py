@@ -101,6 +101,8 @@ def single_process_group() -> Iterator[None]:
 
 def import_dist_checkpointing():
     """megatron-core's dist_checkpointing, imported quietly (it warns about TE/Apex on CPU)."""
+    # On a machine without CUDA, importing megatron-core makes torch log "No CUDA runtime".
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -357,6 +359,7 @@ def arch_from_args(args: Any, source: str) -> Arch:
         ("untie_embeddings_and_output_weights", True, False),
         ("rotary_interleaved", False, False),
         ("qk_layernorm", False, False),
+        ("use_rope_scaling", False, False),  # Llama-3.1 style frequency scaling
     ):
         got = _arg(args, name, absent)
         got = absent if got is None else bool(got)
