@@ -296,6 +296,30 @@ def test_khala_render_cli_with_converted_model(converted, tmp_path):
     assert wavs, proc.stdout
 
 
+@pytest.mark.slow
+def test_render_on_raw_download_names_the_command_then_converts(tmp_path):
+    root = tmp_path / "dl"
+    write_raw_download(root)
+    manifest = tmp_path / "jobs.yaml"
+    manifest.write_text(
+        "model: dl\n"
+        "output_dir: out\n"
+        "defaults:\n  duration: 1\n  max_minutes: 0.05\n"
+        "jobs:\n  - id: tiny\n    tags: [Pop]\n    lyrics: la la\n    seeds: [1]\n"
+    )
+    cmd = [sys.executable, "-m", "khala_cli", "render", str(manifest), "--devices", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert f"khala convert {root.resolve()} {tmp_path.resolve() / 'dl-khala'}" in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "dl-khala").exists()
+
+    proc = subprocess.run(cmd + ["--convert"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "dl-khala" / "model.json").exists()
+    assert len(list((tmp_path / "out").rglob("*.wav"))) == 1
+
+
 # ---- failures: clear messages, nothing left behind ---------------------------------------
 
 

@@ -91,7 +91,7 @@ def _only(m, only: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(wanted)
 
 
-def _model(m, *, build_demo: bool = True) -> tuple[Path | None, Any]:
+def _model(m, *, build_demo: bool = True, convert: bool = False) -> tuple[Path | None, Any]:
     """(model dir, ModelInfo); (None, None) for a demo model not built yet when not building."""
     from khala_cli.weights.resolve import ModelError, demo_dir, read_info, resolve_model
 
@@ -99,7 +99,7 @@ def _model(m, *, build_demo: bool = True) -> tuple[Path | None, Any]:
         if m.model == "demo" and not build_demo:
             d = demo_dir()
             return (d, read_info(d)) if (d / "model.json").exists() else (None, None)
-        return resolve_model(m.model, m.model_base)
+        return resolve_model(m.model, m.model_base, convert=convert)
     except ModelError as exc:
         _echo_err(f"error: model {m.model!r}"
                   + (f" ({m.path}:{m.model_line})" if m.model_line else "") + f": {exc}")
@@ -284,10 +284,12 @@ def tags(as_json: bool) -> None:
               help="Refuse manifests with more renders (jobs x seeds) than this.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; errors and a one-line "
               "summary only.")
+@click.option("--convert", is_flag=True, help="If `model:` is a raw Khala download, convert it "
+              "first (once, into <download>-khala).")
 def render(manifest: Path, model: str | None, output_dir: Path | None, force: bool,
            only: tuple[str, ...], shard: str | None, devices: str, batch_size: int | None,
            residency: str | None, retries: int, stall_timeout: float, save_codes: bool,
-           max_renders: int, quiet: bool) -> None:
+           max_renders: int, quiet: bool, convert: bool) -> None:
     """Render every job x seed of MANIFEST that is not done yet.
 
     Resumes where the last run stopped: a take whose sidecar carries the same render key is
@@ -301,7 +303,13 @@ def render(manifest: Path, model: str | None, output_dir: Path | None, force: bo
     shard_t = _shard(shard)
     only_t = _only(m, only)
     devs = _devices(devices)
-    model_dir, info = _model(m)
+    if convert and not quiet and m.model != "demo":
+        from khala_cli.weights.resolve import default_destination, is_raw_download
+
+        raw = (m.model_base / m.model).expanduser()
+        if is_raw_download(raw) and not (default_destination(raw) / "model.json").exists():
+            _echo_err(f"converting the download {raw} once (reads every model tensor) ...")
+    model_dir, info = _model(m, convert=convert)
     _ffmpeg()
     if info.demo:
         _echo_err(f"warning: {DEMO_LINE}")

@@ -36,6 +36,7 @@ from khala_cli.weights.megatron import (
     plan_names,
     single_process_group,
 )
+from khala_cli.weights.resolve import default_destination
 from khala_cli.weights.safe_load import CheckpointReadError, UnsafeCheckpointError, safe_torch_load
 
 # (stage, done, total, unit) -> None; stages: backbone, superres, codec, writing
@@ -68,12 +69,6 @@ class ConvertReport:
     seconds: float
     iterations: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)  # stage -> entries not read
-
-
-def default_destination(src: str | Path) -> Path:
-    """Where `khala convert SRC` writes without DST: a sibling `<SRC>-khala` directory."""
-    src = Path(src).expanduser().resolve()
-    return src.parent / f"{src.name}-khala"
 
 
 def find_sources(src: str | Path, tokenizer: str | Path | None = None) -> Sources:

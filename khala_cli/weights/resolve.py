@@ -54,8 +54,29 @@ def ensure_demo(path: Path | None = None) -> Path:
     return path
 
 
-def resolve_model(ref: str, base: Path) -> tuple[Path, ModelInfo]:
-    """("demo" | a directory relative to `base`) -> (model directory, its model.json)."""
+def default_destination(src: str | Path) -> Path:
+    """Where `khala convert SRC` writes without DST: a sibling `<SRC>-khala` directory."""
+    src = Path(src).expanduser().resolve()
+    return src.parent / f"{src.name}-khala"
+
+
+def convert_download(src: Path, dst: Path) -> Path:
+    """Run `khala convert SRC DST` in a child process (torch stays out of this one)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "khala_cli.weights.convert", str(src), str(dst)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    if proc.returncode != 0 or not (dst / MODEL_JSON).exists():
+        raise ModelError(f"converting {src} failed:\n{proc.stderr.strip()[-2000:]}")
+    return dst
+
+
+def resolve_model(ref: str, base: Path, *, convert: bool = False) -> tuple[Path, ModelInfo]:
+    """("demo" | a directory relative to `base`) -> (model directory, its model.json).
+
+    A raw download is converted (once, next to it) when `convert` is set; otherwise the error
+    gives the exact command. A download converted before is found at the default destination.
+    """
     if ref == "demo":
         path = ensure_demo()
         return path, read_info(path)
@@ -63,9 +84,14 @@ def resolve_model(ref: str, base: Path) -> tuple[Path, ModelInfo]:
     if not path.exists():
         raise ModelError(f"model directory {path} does not exist")
     if not (path / MODEL_JSON).exists() and is_raw_download(path):
-        raise ModelError(
-            f"{path} is a raw Khala download (Megatron checkpoints) and needs converting once:\n"
-            f"  khala convert {path} {path.parent / (path.name + '-khala')}\n"
-            f"then point `model:` at the converted directory (or pass --convert)."
-        )
+        dst = default_destination(path)
+        if not (dst / MODEL_JSON).exists():
+            if not convert:
+                raise ModelError(
+                    f"{path} is a raw Khala download (Megatron checkpoints) and needs "
+                    f"converting once:\n  khala convert {path} {dst}\n"
+                    f"then point `model:` at {dst} (or run render with --convert)."
+                )
+            convert_download(path, dst)
+        path = dst
     return path, read_info(path)
