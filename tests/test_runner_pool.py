@@ -32,12 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_manifest(tmp_path: Path, model_dir: Path, jobs: dict[str, list[int]],
-                   name: str = "jobs.yaml", out: str = "out") -> Path:
+                   name: str = "jobs.yaml", out: str = "out", same_tags: bool = False) -> Path:
     """Instrumental jobs of ~3 s of audio each (max_minutes 0.05)."""
     lines = [f"model: {model_dir}", f"output_dir: {out}",
              "defaults: {mode: instrumental, duration: 1, max_minutes: 0.05}", "jobs:"]
     for i, (job, seeds) in enumerate(jobs.items()):
-        lines += [f"  - id: {job}", f"    tags: [Piano, Style {i}]", f"    seeds: {list(seeds)}"]
+        tags = "[Piano]" if same_tags else f"[Piano, Style {i}]"
+        lines += [f"  - id: {job}", f"    tags: {tags}", f"    seeds: {list(seeds)}"]
     path = tmp_path / name
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -118,9 +119,11 @@ def faults(monkeypatch, tmp_path):
 
 
 def test_two_cpu_workers_render_six_renders_each_exactly_once(tmp_path, demo_model_dir):
-    path = write_manifest(tmp_path, demo_model_dir, {"a": [1, 2], "b": [1, 2], "c": [7, 8]})
+    # a and b have the same settings: the same render keys, but their own files
+    path = write_manifest(tmp_path, demo_model_dir, {"a": [1, 2], "b": [1, 2], "c": [7, 8]},
+                          same_tags=True)
     renders, out, model = load_renders(path)
-    assert len(renders) == 6
+    assert len(renders) == 6 and renders[0].key == renders[2].key
     ev = Events()
     result = run_renders(renders, RunOptions(str(model), str(out), devices="cpu:2"), ev)
 
@@ -129,8 +132,8 @@ def test_two_cpu_workers_render_six_renders_each_exactly_once(tmp_path, demo_mod
     assert all(o.status == "rendered" and o.attempts == 1 and o.error is None
                for o in result.outcomes)
     # each render reported once, and done on disk with its own key
-    reported = [o.render.key for o in ev.results()]
-    assert sorted(reported) == sorted(r.key for r in renders)
+    reported = [o.render.stem for o in ev.results()]
+    assert sorted(reported) == sorted(r.stem for r in renders)
     for r in renders:
         assert outputs.is_done(r)
         side = json.loads(r.path(".json").read_text())

@@ -93,6 +93,7 @@ EXIT_WAIT = 30.0  # how long a stopped worker may take to exit before it is kill
 
 @dataclass
 class _Item:
+    id: int
     render: Render
     state: str = "pending"  # pending | running | rendered | failed | cancelled
     attempts: int = 0  # times handed to a worker
@@ -137,7 +138,7 @@ class _Worker:
     wants: bool = False
     wave: int | None = None
     wave_started: float = 0.0
-    inflight: dict[str, _Item] = field(default_factory=dict)
+    inflight: dict[int, _Item] = field(default_factory=dict)
     oom: dict | None = None
     fatal: str | None = None
     kill_reason: str | None = None
@@ -166,10 +167,12 @@ class Pool:
     def __init__(self, renders: list[Render], options: RunOptions, on_event: Event | None):
         self.options = options
         self.on_event = on_event or (lambda e: None)
-        self.items = [_Item(r) for r in renders]
-        keys = [r.key for r in renders]
-        if len(set(keys)) != len(keys):
-            raise ValueError("run_renders: two renders share a render key")
+        # Two jobs with the same settings share a render key (not their files): items are
+        # told apart by their index.
+        self.items = [_Item(i, r) for i, r in enumerate(renders)]
+        stems = [(r.out_dir, r.stem) for r in renders]
+        if len(set(stems)) != len(stems):
+            raise ValueError("run_renders: two renders would write the same files")
         self.output_dir = Path(options.output_dir).resolve()
         self.khala_dir = self.output_dir / ".khala"
         self.log_dir = self.khala_dir / "logs"
@@ -329,9 +332,10 @@ class Pool:
                 it.batch_len = len(batch)
                 it.device = w.slot.name
                 it.log = str(w.log_path)
-                w.inflight[it.render.key] = it
+                w.inflight[it.id] = it
         msg = {"type": "work", "wave": w.wave,
-               "batches": [[it.render.to_dict() for it in b] for b in wave]}
+               "batches": [[{"id": it.id, "render": it.render.to_dict()} for it in b]
+                           for b in wave]}
         w.state = "busy"
         w.wants = False
         self._worker_event(w, "busy", wave=w.wave,
@@ -364,7 +368,10 @@ class Pool:
                         "phase": msg.get("phase"), "done": msg.get("done"),
                         "total": msg.get("total"), "tokens_per_s": msg.get("tokens_per_s")})
         elif kind == "result":
-            it = w.inflight.pop(str(msg.get("key")), None)
+            try:
+                it = w.inflight.pop(int(msg.get("id")), None)
+            except (TypeError, ValueError):
+                it = None
             if it is None:
                 return
             secs = float(msg.get("seconds") or 0.0)
@@ -426,8 +433,8 @@ class Pool:
 
         if w.oom is not None:
             self._worker_event(w, "oom", error=w.oom.get("error"))
-            oom_keys = set(w.oom.get("keys") or [])
-            if not oom_keys and not w.ready:  # out of memory while loading the models
+            oom_ids = set(w.oom.get("ids") or [])
+            if not oom_ids and not w.ready:  # out of memory while loading the models
                 if slot.residency == "keep_loaded":
                     slot.residency = "one_shot"
                 else:
@@ -435,7 +442,7 @@ class Pool:
                                              f"{w.oom.get('error')} (log: {log})")
             for it in lost:
                 it.log = log
-                if it.render.key not in oom_keys:
+                if it.id not in oom_ids:
                     it.state = "pending"  # a batch-mate ran out of memory, not this one
                 elif it.batch_len > 1:
                     it.batch_limit = max(1, it.batch_len // 2)

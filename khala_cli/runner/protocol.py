@@ -1,7 +1,7 @@
 """Parent <-> worker messages: one JSON object per line over the worker's stdin/stdout.
 
 Parent -> worker:
-    {"type": "work", "wave": int, "batches": [[render dict, ...], ...]}
+    {"type": "work", "wave": int, "batches": [[{"id": int, "render": render dict}, ...], ...]}
         the renders of a batch differ only by seed; a wave holds several batches only in
         one_shot residency (each stage runs over the whole wave before the models swap)
     {"type": "stop"}                           finish nothing more; exit
@@ -12,12 +12,13 @@ Worker -> parent:
     {"type": "want"}                                       idle: send work
     {"type": "progress", "wave", "job_id", "seeds", "phase", "done", "total",
      "tokens_per_s"}
-    {"type": "result", "wave", "key", "status": "rendered"|"failed", "error", "files",
+    {"type": "result", "wave", "id", "status": "rendered"|"failed", "error", "files",
      "seconds", "resumed": bool}
     {"type": "wave_done", "wave": int}
-    {"type": "oom", "wave", "keys": [...], "error"}        out of memory; the worker exits
+    {"type": "oom", "wave", "ids": [...], "error"}         out of memory; the worker exits
     {"type": "fatal", "error"}                             cannot work at all; the worker exits
 
+`id` is the render's index in the run (two jobs with the same settings share a render key).
 Anything else a worker prints goes to its log (stderr); stdout carries only these lines.
 """
 

@@ -170,9 +170,9 @@ def is_oom(exc: BaseException) -> bool:
 
 
 class OutOfMemory(Exception):
-    def __init__(self, keys: list[str], error: str):
+    def __init__(self, ids: list[int], error: str):
         super().__init__(error)
-        self.keys = keys
+        self.ids = ids
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,9 +222,12 @@ def load_q01(path: Path, codebook_size: int):
 
 
 class Batch:
-    def __init__(self, renders: list):
-        self.renders = renders
-        self.first = renders[0]
+    def __init__(self, entries: list[dict]):
+        from khala_cli.plan import Render
+
+        self.renders = [Render.from_dict(e["render"]) for e in entries]
+        self.ids = {r.key: e["id"] for r, e in zip(self.renders, entries, strict=True)}
+        self.first = self.renders[0]
         self.q01: dict[str, Any] = {}
         self.resumed: set[str] = set()
         self.codes: list = []
@@ -307,7 +310,7 @@ class Worker:
                 files: dict | None = None) -> None:
         print(f"worker: {render.stem}: {status}" + (f": {error}" if error else ""),
               file=sys.stderr, flush=True)
-        self.chan.send({"type": "result", "wave": self.wave, "key": render.key,
+        self.chan.send({"type": "result", "wave": self.wave, "id": batch.ids[render.key],
                         "status": status, "error": error, "files": files or {},
                         "seconds": round(time.monotonic() - batch.started, 3),
                         "resumed": render.key in batch.resumed})
@@ -321,7 +324,7 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - reported per batch
                 if is_oom(exc):
                     traceback.print_exception(exc, file=sys.stderr)
-                    raise OutOfMemory([r.key for r in b.renders],
+                    raise OutOfMemory(list(b.ids.values()),
                                       f"{type(exc).__name__}: {exc}") from exc
                 self._fail(b, exc)
 
@@ -393,10 +396,8 @@ class Worker:
                          files={k: str(v) for k, v in (files or {}).items()})
 
     def run_wave(self, msg: dict) -> None:
-        from khala_cli.plan import Render
-
         self.wave = msg.get("wave")
-        batches = [Batch([Render.from_dict(d) for d in group]) for group in msg["batches"]]
+        batches = [Batch(group) for group in msg["batches"]]
         print(f"worker: wave {self.wave}: "
               + " | ".join(" ".join(r.stem for r in b.renders) for b in batches),
               file=sys.stderr, flush=True)
@@ -405,7 +406,7 @@ class Worker:
             self._stage(batches, self._superres)
             self._stage(batches, self._decode)
         except OutOfMemory as oom:
-            self.chan.send({"type": "oom", "wave": self.wave, "keys": oom.keys,
+            self.chan.send({"type": "oom", "wave": self.wave, "ids": oom.ids,
                             "error": str(oom)})
             sys.stderr.flush()
             os._exit(6)
@@ -448,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         traceback.print_exception(exc, file=sys.stderr)
         if is_oom(exc):
-            chan.send({"type": "oom", "wave": None, "keys": [], "error": f"loading: {exc}"})
+            chan.send({"type": "oom", "wave": None, "ids": [], "error": f"loading: {exc}"})
         else:
             chan.send({"type": "fatal", "error": f"{type(exc).__name__}: {exc}"})
         sys.stderr.flush()

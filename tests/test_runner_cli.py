@@ -1,0 +1,201 @@
+"""The runner through `khala render`: exit codes 1, 3, 75 and 130, the report's device and
+attempts, no orphan processes. Real subprocesses, CPU workers, the demo model; faults come
+from the worker's test-only hook (KHALA_TEST_FAULT)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from click.testing import CliRunner
+
+from khala_cli import outputs
+from khala_cli.cli import _register, cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_manifest(tmp_path: Path, model_dir: Path, jobs: list[str]) -> Path:
+    lines = [f"model: {model_dir}", "output_dir: out",
+             "defaults: {mode: instrumental, duration: 1, max_minutes: 0.05, seeds: [1]}",
+             "jobs:"]
+    for i, j in enumerate(jobs):
+        lines += [f"  - id: {j}", f"    tags: [Piano, Style {i}]"]
+    path = tmp_path / "jobs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def khala(tmp_path: Path, *args: str, faults: str = "") -> subprocess.Popen:
+    env = {**os.environ, "KHALA_TEST_FAULT_DIR": str(tmp_path / "faults")}
+    env.pop("KHALA_TEST_FAULT", None)
+    if faults:
+        env["KHALA_TEST_FAULT"] = faults
+    return subprocess.Popen([sys.executable, "-m", "khala_cli", "render", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, env=env)
+
+
+def wait_for(pred, what: str, limit: float = 300.0) -> None:
+    deadline = time.monotonic() + limit  # a safety net, not an assertion on time
+    while not pred():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.05)
+
+
+def descendants(pid: int) -> list[int]:
+    return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+
+def assert_gone(pids, limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        for pid in list(alive):
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    alive.discard(pid)
+            except psutil.NoSuchProcess:
+                alive.discard(pid)
+        if alive:
+            time.sleep(0.1)
+    assert not alive, f"orphan processes: {sorted(alive)}"
+
+
+def report(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "out" / "reports" / "latest.json").read_text())
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# -- exit 3: devices -------------------------------------------------------------------------
+
+
+def test_devices_naming_a_missing_gpu_exits_3(tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    smi = bindir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '0, GPU-aaaa, 24576 MiB, 24000 MiB'\n"
+                   "echo '1, GPU-bbbb, 24576 MiB, 24000 MiB'\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    path = tmp_path / "jobs.yaml"
+    path.write_text("model: demo\noutput_dir: out\njobs:\n  - id: a\n    mode: instrumental\n"
+                    "    tags: [Piano]\n")
+    _register()
+    for spec, words in (("9", "there is no GPU 9; this machine has 2 GPUs (0, 1)"),
+                        ("cpu:0", "1..64"), ("0,x", "expected auto, cpu, cpu:N")):
+        r = CliRunner().invoke(cli, ["render", str(path), "--devices", spec])
+        assert r.exit_code == 3, r.output
+        assert words in r.output
+    assert not (tmp_path / "out").exists()
+
+
+# -- whole runs ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_worker_is_retried_and_the_report_shows_it(tmp_path, demo_model_dir):
+    path = write_manifest(tmp_path, demo_model_dir, ["a", "b", "c"])
+    run = khala(tmp_path, str(path), "--devices", "cpu:2", faults="hang_once:b")
+    logs = tmp_path / "out" / ".khala" / "logs"
+
+    def hung() -> list[Path]:  # the log of the worker stopped in the middle of b
+        return [p for p in logs.glob("*.log") if "TEST FAULT hang_once:b" in p.read_text()]
+    wait_for(hung, "a worker to stop in the middle of b")
+    pid = int(hung()[0].read_text().split("worker pid ", 1)[1].split()[0])
+    assert pid in descendants(run.pid)
+    os.kill(pid, signal.SIGKILL)
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err
+    rep = report(tmp_path)
+    by_job = {e["job_id"]: e for e in rep["renders"]}
+    assert by_job["b"]["status"] == "rendered" and by_job["b"]["attempts"] == 2
+    assert by_job["a"]["attempts"] == 1 and by_job["c"]["attempts"] == 1
+    assert {e["device"] for e in rep["renders"]} <= {"cpu:0", "cpu:1"}
+    assert set(rep["summary"]["device_busy_s"]) == {"cpu:0", "cpu:1"}
+    assert_gone([pid])
+
+
+@pytest.mark.slow
+def test_render_that_always_crashes_exits_1_and_the_others_render(tmp_path, demo_model_dir):
+    path = write_manifest(tmp_path, demo_model_dir, ["ok", "bad"])
+    run = khala(tmp_path, str(path), "--devices", "cpu", "--retries", "1", faults="crash:bad")
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 1, err
+    by_job = {e["job_id"]: e for e in report(tmp_path)["renders"]}
+    assert by_job["ok"]["status"] == "rendered"
+    assert by_job["bad"]["status"] == "failed" and by_job["bad"]["attempts"] == 2
+    assert "SIGKILL" in by_job["bad"]["error"]
+    assert by_job["bad"]["log"] and Path(by_job["bad"]["log"]).exists()
+    assert "failed: bad seed 1" in err
+
+
+@pytest.mark.slow
+def test_second_run_on_the_same_output_exits_75_and_writes_nothing(tmp_path, demo_model_dir):
+    path = write_manifest(tmp_path, demo_model_dir, ["a"])
+    first = khala(tmp_path, str(path), "--devices", "cpu", faults="hang:a")
+    logs = tmp_path / "out" / ".khala" / "logs"
+    wait_for(lambda: any("TEST FAULT hang:a" in p.read_text() for p in logs.glob("*.log")),
+             "the first run to be busy")
+    before = snapshot(tmp_path / "out")
+
+    second = khala(tmp_path, str(path), "--devices", "cpu")
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 75, err
+    assert f"pid {first.pid}" in err
+    assert snapshot(tmp_path / "out") == before
+
+    # Ctrl-C twice ends the first run at once: exit 130, report written, nothing left over.
+    workers = descendants(first.pid)
+    assert workers
+    first.send_signal(signal.SIGINT)
+    for line in first.stderr:
+        if "stopping" in line:
+            break
+    first.send_signal(signal.SIGINT)
+    _, err1 = first.communicate(timeout=300)
+    assert first.returncode == 130, err1
+    rep = report(tmp_path)
+    assert rep["summary"]["interrupted"] is True
+    assert rep["renders"][0]["status"] == "cancelled"
+    assert_gone(workers)
+    assert not (tmp_path / "out" / ".khala" / "lock").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_exits_130_with_a_report_and_no_orphans(tmp_path, demo_model_dir):
+    path = write_manifest(tmp_path, demo_model_dir, ["a", "b", "c"])
+    faults = tmp_path / "faults"
+    run = khala(tmp_path, str(path), "--devices", "cpu", faults="pause:b")
+    wait_for((faults / "paused-b").exists, "the worker to reach b")
+    workers = descendants(run.pid)
+    assert workers
+    run.send_signal(signal.SIGTERM)
+    seen = []
+    for line in run.stderr:  # the parent says it is stopping before b may go on
+        seen.append(line)
+        if "stopping" in line:
+            break
+    (faults / "resume-b").touch()
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 130, "".join(seen) + err
+    rep = report(tmp_path)
+    assert rep["summary"]["interrupted"] is True and rep["summary"]["exit_code"] == 130
+    status = {e["job_id"]: e["status"] for e in rep["renders"]}
+    assert status == {"a": "rendered", "b": "rendered", "c": "cancelled"}
+    assert_gone(workers)
+    assert outputs.temp_files(tmp_path / "out") == []
+    assert not (tmp_path / "out" / ".khala" / "lock").exists()
