@@ -11,9 +11,13 @@ like: the same weights, prompt, token counts and threads.
   decode steps only (not the prefill). The bench model's KV cache per token is to its
   weights as the real model's is to its weights at 4x the context, so a 1024-token context
   stands for ~4k tokens into a real song: about the middle of a 3-4 minute decode.
-- superres_vs_padded: time of a super-res run at the real length S over the reference's
+- superres_vs_padded: time of a super-res pass at the real length S over the reference's
   method with rows padded to max(8192, S), scaled to the bench: padded length =
   S x max(8192, S_song) / S_song for a reference song of `song_minutes`.
+
+Rates are medians over chunks of `chunk` decode steps (and pass times medians over
+passes), pooled over `rounds` interleaved rounds, so a burst of other load on the machine
+moves them less.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class BenchSpec:
     song_prompt_len: int = 300
     top_k: int = 80
     rounds: int = 2
+    chunk: int = 32  # decode steps per timed chunk (rates are medians over chunks)
     seed: int = 0
 
     def layout(self) -> TokenLayout:
@@ -80,15 +85,15 @@ MID = BenchSpec()
 TINY = BenchSpec(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                  ffn_hidden_size=64, text_vocab=300, codebook_size=16, num_quantizers=4,
                  context_len=8, decode_tokens=24, superres_prompt_len=8, superres_frames=24,
-                 top_k=8, rounds=1)
+                 top_k=8, rounds=1, chunk=4)
 
 
 @torch.inference_mode()
 def naive_decode(model: Transformer, layout: TokenLayout, prompt_ids: list[int], n_tokens: int,
-                 *, top_k: int, temperature: float, seed: int) -> tuple[list[int], float]:
+                 *, top_k: int, temperature: float, seed: int) -> tuple[list[int], list[float]]:
     """The textbook decode loop, as a baseline: a growing cache, K/V repeated per head,
     full-vocabulary logits, `torch.multinomial`, and `.item()` every token.
-    Returns the tokens and the seconds spent after the prefill (the first forward)."""
+    Returns the tokens and the clock (perf_counter) after each token."""
     c = model.config
     device = model.embed.weight.device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -101,10 +106,8 @@ def naive_decode(model: Transformer, layout: TokenLayout, prompt_ids: list[int],
     ids = torch.tensor([prompt_ids], device=device)
     pos = torch.arange(len(prompt_ids), device=device)
     out: list[int] = []
-    t0 = 0.0
+    stamps: list[float] = []
     for t in range(n_tokens):
-        if t == 1:
-            t0 = time.perf_counter()
         x = model.embed_ids(ids)
         cos, sin = rope_angles(pos, c.head_dim, c.rope_base)
         b, s, _ = x.shape
@@ -127,19 +130,16 @@ def naive_decode(model: Transformer, layout: TokenLayout, prompt_ids: list[int],
         choice = torch.multinomial(torch.softmax(vals / temperature, -1), 1, generator=gen)
         tok = int(cand[idx[choice]].item())
         out.append(tok)
+        stamps.append(time.perf_counter())
         ids = torch.tensor([[tok]], device=device)
         pos = torch.tensor([len(prompt_ids) + t], device=device)
-    return out, time.perf_counter() - t0
+    return out, stamps
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+def _rates(marks: list[tuple[int, float]]) -> list[float]:
+    """Units per second between consecutive (count, clock) marks."""
+    pairs = zip(marks, marks[1:], strict=False)
+    return [(n2 - n1) / (t2 - t1) for (n1, t1), (n2, t2) in pairs if n2 > n1 and t2 > t1]
 
 
 def run_bench(spec: BenchSpec = MID, device: str = "cpu", threads: int | None = None,
@@ -165,30 +165,41 @@ def _run(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -> dict
     context = rng.integers(5, top_text, spec.context_len).tolist()
     n = spec.decode_tokens
 
-    def ours(batch: int, tokens: int = n) -> float:
-        """Per-row decode steps per second, after the prefill."""
-        rates = []
+    chunk = spec.chunk
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def ours(batch: int, tokens: int = n) -> list[float]:
+        """Per-row decode steps per second, per chunk of steps after the prefill."""
+        marks: list[tuple[int, float]] = []
+
+        def mark(done: int, _rate: float) -> None:
+            sync()
+            marks.append((done, time.perf_counter()))
+
         backbone.decode_tokens(model, layout, context, list(range(batch)), top_k=spec.top_k,
                                temperature=1.0, max_new_tokens=tokens, stop_at_end=False,
-                               check_every=tokens + 1, progress=lambda _n, r: rates.append(r))
-        return rates[-1]
+                               check_every=chunk, progress=mark)
+        return _rates(marks)
 
-    def naive() -> float:
-        _, seconds = naive_decode(model, layout, context, n, top_k=spec.top_k, temperature=1.0,
-                                  seed=0)
-        return (n - 1) / seconds
+    def naive() -> list[float]:
+        _, stamps = naive_decode(model, layout, context, n, top_k=spec.top_k, temperature=1.0,
+                                 seed=0)
+        return _rates([(i + 1, stamps[i]) for i in range(chunk - 1, n, chunk)])
 
     log(f"bench model: {params / 1e6:.1f} M parameters ({params * 4 / 2**20:.0f} MiB fp32), "
         f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
-    ours(1, 16)  # warm-up
-    best = {"ours1": 0.0, "naive": 0.0, "ours8": 0.0}
-    for r in range(spec.rounds):  # interleaved rounds, best of each: less noise from load
+    ours(1, 2 * chunk)  # warm-up
+    rates: dict[str, list[float]] = {"ours1": [], "naive": [], "ours8": []}
+    for r in range(spec.rounds):  # interleaved rounds; the median chunk of each is kept
         log(f"backbone round {r + 1}/{spec.rounds}: {n} tokens after a {spec.context_len}-token "
             f"context: ours B=1, naive B=1, ours B={spec.batch} ...")
-        best["ours1"] = max(best["ours1"], ours(1))
-        best["naive"] = max(best["naive"], naive())
-        best["ours8"] = max(best["ours8"], spec.batch * ours(spec.batch))
-    tps1, tps_naive, tps_b = best["ours1"], best["naive"], best["ours8"]
+        rates["ours1"] += ours(1)
+        rates["naive"] += naive()
+        rates["ours8"] += [spec.batch * x for x in ours(spec.batch)]
+    tps1, tps_naive, tps_b = (float(np.median(rates[k])) for k in ("ours1", "naive", "ours8"))
 
     frames = spec.superres_frames
     q01 = [rng.integers(0, spec.codebook_size, (2, frames))]
@@ -199,9 +210,19 @@ def _run(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -> dict
     passes = spec.num_quantizers - 2
     log(f"super-res: {passes} passes at the real S={s_real}, then the reference's method "
         f"padded to {s_pad} ...")
-    t_sr = _timed(lambda: superres.upsample(model, layout, prompt, q01, [0]), dev)
-    t_pad = _timed(lambda: superres.upsample_reference_padded(model, layout, prompt, q01, [0],
-                                                             pad_to=s_pad), dev)
+    def pass_times(fn: Callable[..., object]) -> list[float]:
+        marks = [(0, time.perf_counter())]
+
+        def mark(done: int, _total: int) -> None:
+            sync()
+            marks.append((done, time.perf_counter()))
+
+        fn(model, layout, prompt, q01, [0], progress=mark)
+        return [1.0 / r for r in _rates(marks)]
+
+    t_sr = float(np.median(pass_times(superres.upsample)))
+    t_pad = float(np.median(pass_times(
+        lambda *a, **k: superres.upsample_reference_padded(*a, pad_to=s_pad, **k))))
 
     return {
         "decode_vs_naive": tps1 / tps_naive,
@@ -223,8 +244,8 @@ def _run(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -> dict
         "superres_seq_len": s_real,
         "superres_padded_len": s_pad,
         "superres_passes": passes,
-        "superres_pass_s": t_sr / passes,
-        "superres_padded_pass_s": t_pad / passes,
+        "superres_pass_s": t_sr,
+        "superres_padded_pass_s": t_pad,
         "params": params,
         "device": str(dev),
         "threads": torch.get_num_threads(),
