@@ -124,6 +124,13 @@ def test_two_cpu_workers_render_six_renders_each_exactly_once(tmp_path, demo_mod
                           same_tags=True)
     renders, out, model = load_renders(path)
     assert len(renders) == 6 and renders[0].key == renders[2].key
+    # leftovers of runs long ago: a log, and the saved tokens of a render since changed
+    old = [out / ".khala" / "logs" / "20200101T000000Z-1-cpu0-1.log",
+           out / ".khala" / "work" / "0123456789abcdef01234567.q01.npy"]
+    for p in old:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"old")
+        os.utime(p, (time.time() - 40 * 86400,) * 2)
     ev = Events()
     result = run_renders(renders, RunOptions(str(model), str(out), devices="cpu:2"), ev)
 
@@ -148,6 +155,7 @@ def test_two_cpu_workers_render_six_renders_each_exactly_once(tmp_path, demo_mod
     assert not ev.of("worker", state="died")
     assert_gone(ev.worker_pids())
     no_leftovers(out)
+    assert not any(p.exists() for p in old)
     logs = sorted((out / ".khala" / "logs").glob("*.log"))
     assert len(logs) == 2 and all("ready after" in p.read_text() for p in logs)
 

@@ -85,6 +85,7 @@ START_TIMEOUT = 600.0
 MAX_START_FAILURES = 3  # consecutive failed starts on one device: the device is given up
 ONE_SHOT_WAVE_BATCHES = 4  # batches per wave in one_shot residency
 EXIT_WAIT = 30.0  # how long a stopped worker may take to exit before it is killed
+KEEP_DAYS = 30  # worker logs and unused saved backbone tokens older than this are removed
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,7 +186,6 @@ class Pool:
         self.stopping = False
         self.deadline: float | None = None
         self.interrupted = False
-        self.cpu_workers = 0
 
     # -- events ----------------------------------------------------------------------------
 
@@ -217,9 +217,8 @@ class Pool:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         safe = dev.name.replace(":", "")
         log_path = self.log_dir / f"{self.run_id}-{safe}-{slot.generation}.log"
-        threads = 0
-        if dev.kind == "cpu":
-            threads = max(1, (os.cpu_count() or 1) // max(1, self.cpu_workers))
+        # CPU workers share the cores; a GPU worker needs few (tokenizing, MP3 encoding).
+        threads = max(1, (os.cpu_count() or 1) // max(1, len(self.slots)))
         cmd = [sys.executable, "-m", "khala_cli.runner.worker",
                "--model-dir", str(self.options.model_dir),
                "--output-dir", str(self.output_dir),
@@ -242,9 +241,14 @@ class Pool:
                       f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n"
                       f"# {' '.join(cmd)}\n".encode())
             log.flush()
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=log, env=env, start_new_session=True,
-                                    close_fds=True)
+            try:
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=log, env=env, start_new_session=True,
+                                        close_fds=True)
+            except OSError as exc:
+                log.write(f"# cannot start the worker: {exc}\n".encode())
+                self._start_failed(slot, f"cannot start a worker: {exc} (log: {log_path})")
+                return
         now = _now()
         w = _Worker(slot=slot, proc=proc, log_path=log_path, spawned=now, pid=proc.pid,
                     last_heard=now)
@@ -581,7 +585,6 @@ class Pool:
         plans = plan_devices(self.options.devices, self.options.model_dir,
                              self.options.batch_size, self.options.residency)
         self.slots = [_Slot(i, p, p.residency, p.batch_size) for i, p in enumerate(plans)]
-        self.cpu_workers = sum(1 for p in plans if p.device.kind == "cpu")
         self._sweep()
 
         in_main = threading.current_thread() is threading.main_thread()
@@ -612,7 +615,8 @@ class Pool:
                          device_busy_s={s.name: round(s.busy_s, 3) for s in self.slots})
 
     def _sweep(self) -> None:
-        """Remove temporary files a killed earlier run left (we hold the lock: none is live)."""
+        """Remove temporary files a killed earlier run left (we hold the lock: none is live),
+        and logs and saved tokens older than KEEP_DAYS (renders whose settings changed)."""
         from khala_cli.outputs import temp_files
 
         dirs = {Path(it.render.out_dir) for it in self.items} | {self.khala_dir / "work"}
@@ -621,6 +625,13 @@ class Pool:
                 for p in temp_files(d):
                     with contextlib.suppress(OSError):
                         p.unlink()
+        old = time.time() - KEEP_DAYS * 86400
+        for d, pattern in ((self.log_dir, "*.log"), (self.khala_dir / "work", "*.q01.npy")):
+            if d.is_dir():
+                for p in d.glob(pattern):
+                    with contextlib.suppress(OSError):
+                        if p.stat().st_mtime < old:
+                            p.unlink()
 
 
 def run_renders(renders: list[Render], options: RunOptions,
