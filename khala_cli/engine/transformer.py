@@ -110,10 +110,12 @@ class Attention(nn.Module):
                 # One query per head: fold each KV group's query heads into the query axis
                 # (head h = g * rep + r reads group g), one SDPA over kv_heads, no K/V copy.
                 g = self.num_kv_heads
-                y = F.scaled_dot_product_attention(q.view(b, g, -1, self.head_dim), k, v, attn_mask=mask)
+                y = F.scaled_dot_product_attention(q.reshape(b, g, -1, self.head_dim), k, v,
+                                                   attn_mask=mask)
                 y = y.view(b, self.num_heads, 1, self.head_dim)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            else:  # without a mask: a prefill from position 0 (kv_len == s), plain causal
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                   enable_gqa=True)
         elif causal:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -246,10 +248,13 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """Causal pass through the KV cache. x: ids [B, S] (or embeddings), B <= cache batch;
         input_pos: [S] absolute positions (device tensor); kv_len: keys read (host int,
-        > max(input_pos)), default the whole cache. masked=False skips the causal mask: only
-        for one query at position kv_len - 1, which sees every key read. Returns normed
-        hidden [B, S, hidden]."""
+        > max(input_pos)), default the whole cache. masked=False skips the mask built from
+        the positions: allowed for one query at position kv_len - 1 (it sees every key
+        read), or for a prefill at positions 0..S-1 with kv_len == S (plain causal
+        attention). Returns normed hidden [B, S, hidden]."""
         kv_len = self.cache_len if kv_len is None else kv_len
+        if not masked and x.shape[1] > 1 and kv_len != x.shape[1]:
+            raise ValueError("an unmasked multi-token pass must be a prefill with kv_len == S")
         h = self._inputs(x)
         cos_t, sin_t = self._rope_table(self.cache_len, h.device)
         cos, sin = cos_t[input_pos], sin_t[input_pos]
