@@ -9,8 +9,9 @@ like: the same weights, prompt, token counts and threads.
 - batch8_vs_batch1: aggregate tokens/s at B=8 over B=1.
   Both decode `decode_tokens` tokens after a context of `context_len` tokens and time the
   decode steps only (not the prefill). The bench model's KV cache per token is to its
-  weights as the real model's is to its weights at 4x the context, so a 1024-token context
-  stands for ~4k tokens into a real song: about the middle of a 3-4 minute decode.
+  weights as the real model's is to its weights at 4x the context, so contexts of
+  1024..1280 tokens stand for ~4-5k tokens into a real song: about the middle of the
+  decode of a 3-minute song (the reference's default duration).
 - superres_vs_padded: time of a super-res pass at the real length S over the reference's
   method with rows padded to max(8192, S), scaled to the bench: padded length =
   S x max(8192, S_song) / S_song for a reference song of `song_minutes`.
@@ -55,7 +56,7 @@ class BenchSpec:
     batch: int = 8
     superres_prompt_len: int = 64
     superres_frames: int = 448
-    song_minutes: float = 2.0  # the reference song whose padding the bench scales
+    song_minutes: float = 3.0  # the reference song whose padding the bench scales
     song_prompt_len: int = 300
     top_k: int = 80
     rounds: int = 2
