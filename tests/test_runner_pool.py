@@ -173,6 +173,14 @@ def test_seeds_of_a_job_share_a_batch_and_match_a_lone_render(tmp_path, demo_mod
     assert busy[0]["batches"] == [3, 1]
     assert busy[0]["renders"] == ["p-s1", "p-s2", "p-s3", "q-s5"]
     assert ev.of("worker", state="starting")[0]["residency"] == "one_shot"
+    # each stage ran over the whole wave: every model loaded once, in stage order
+    phases = [(e["phase"], e["job_id"]) for e in ev.of("progress")]
+    loads = [p for p, _ in phases if p.startswith("loading_")]
+    assert sorted(set(loads), key=loads.index) == [
+        "loading_backbone", "loading_superres", "loading_decoder"]
+    assert [e["done"] for e in ev.of("progress", phase="loading_superres")] == [0, 1]
+    first_sr = phases.index(("superres", "p"))
+    assert {j for p, j in phases[:first_sr] if p == "backbone"} == {"p", "q"}
 
     # The same seed alone (batch 1, keep_loaded) gives the same codes: the batch's rows
     # went to the right renders.
@@ -247,7 +255,7 @@ def test_render_that_always_crashes_its_worker_fails_and_the_rest_render(
     o = by_stem(result)
     assert o["bad-s1"].status == "failed"
     assert o["bad-s1"].attempts == 2  # the first try and one retry
-    assert "SIGKILL" in o["bad-s1"].error and "log:" in o["bad-s1"].error
+    assert "SIGKILL" in o["bad-s1"].error and "after 2 attempts" in o["bad-s1"].error
     assert o["bad-s1"].log and Path(o["bad-s1"].log).exists()
     assert "TEST FAULT crash:bad" in Path(o["bad-s1"].log).read_text()
     assert not o["bad-s1"].render.path(".json").exists()

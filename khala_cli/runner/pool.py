@@ -409,7 +409,9 @@ class Pool:
         if self.stopping:
             it.state = "pending"  # cancelled at the end, with this error
         elif it.failures > self.options.retries:
-            self._finish(it, "failed", f"{error} (after {it.attempts} attempts; log: {it.log})")
+            # the worker's log is in the outcome's `log`
+            n = it.attempts
+            self._finish(it, "failed", f"{error} (after {n} attempt{'s' if n != 1 else ''})")
         else:
             it.state = "pending"
 
