@@ -101,10 +101,11 @@ def entry(item: PlannedRender, outcome: Any | None) -> dict[str, Any]:
 
 def build(plan: Plan, outcomes: list[Any], run: RunInfo) -> dict[str, Any]:
     """The report as a JSON-able dict. Renders appear in plan order."""
-    by_key = {}
+    # Match by output files, not by render key: two jobs with equal settings share a key.
+    by_file = {}
     for o in outcomes:
-        by_key[o.render.key] = o  # the last outcome of a render wins
-    renders = [entry(item, by_key.get(item.render.key)) for item in plan.items]
+        by_file[o.render.path(".json")] = o  # the last outcome of a render wins
+    renders = [entry(item, by_file.get(item.render.path(".json"))) for item in plan.items]
     counts = {s: 0 for s in RESULT_STATUSES}
     for e in renders:
         counts[e["status"]] += 1

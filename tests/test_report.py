@@ -91,6 +91,18 @@ def test_renders_never_started_are_cancelled(scenario):
     assert rep["summary"]["exit_code"] == 130
 
 
+def test_jobs_with_equal_settings_keep_their_own_outcomes(tmp_path):
+    """Two jobs with the same settings and seed share a render key, not a report line."""
+    a, b = (pl.Render(job_id=j, seed=1, key="same-key", out_dir=str(tmp_path / j),
+                      stem=f"{j}-s1") for j in ("a", "b"))
+    plan = pl.make_plan([a, b], is_done=outputs.is_done)
+    outcomes = [Outcome(render=a, status="rendered", seconds=1.0, files=take(a, 1.0)),
+                Outcome(render=b, status="failed", error="boom")]
+    rep = rp.build(plan, outcomes, run_info(tmp_path))
+    assert [(e["job_id"], e["status"]) for e in rep["renders"]] == [("a", "rendered"),
+                                                                    ("b", "failed")]
+
+
 @pytest.mark.parametrize("counts,interrupted,code", [
     ({"rendered": 3, "skipped": 2}, False, 0), ({"skipped": 2}, False, 0),
     ({"rendered": 3, "failed": 1}, False, 1), ({"rendered": 1, "cancelled": 2}, False, 1),
