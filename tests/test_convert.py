@@ -420,11 +420,13 @@ def test_unmapped_tensor(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     root, _ = _fresh(tmp_path)
-    _rewrite_megatron(root, "backbone", lambda t: None, args={"swiglu": False, "normalization": "LayerNorm"})
+    _rewrite_megatron(root, "backbone", lambda t: None, args={"swiglu": False, "normalization": "LayerNorm",
+                                                              "apply_layernorm_1p": True})
     dst = tmp_path / "model"
     with pytest.raises(MegatronError) as e:
         convert(root, dst)
     assert "swiglu" in str(e.value) and "normalization" in str(e.value)
+    assert "apply_layernorm_1p" in str(e.value)
     assert_nothing_left(dst)
 
 

@@ -359,6 +359,7 @@ def arch_from_args(args: Any, source: str) -> Arch:
         ("untie_embeddings_and_output_weights", True, False),
         ("rotary_interleaved", False, False),
         ("qk_layernorm", False, False),
+        ("apply_layernorm_1p", False, False),  # norm weights stored as (gamma - 1)
         ("use_rope_scaling", False, False),  # Llama-3.1 style frequency scaling
     ):
         got = _arg(args, name, absent)
