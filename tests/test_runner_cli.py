@@ -199,3 +199,20 @@ def test_sigterm_mid_run_exits_130_with_a_report_and_no_orphans(tmp_path, demo_m
     assert_gone(workers)
     assert outputs.temp_files(tmp_path / "out") == []
     assert not (tmp_path / "out" / ".khala" / "lock").exists()
+
+
+@pytest.mark.slow
+def test_grace_option_bounds_how_long_a_running_render_may_finish(tmp_path, demo_model_dir):
+    path = write_manifest(tmp_path, demo_model_dir, ["a", "b"])
+    faults = tmp_path / "faults"
+    run = khala(tmp_path, str(path), "--devices", "cpu", "--grace", "1", faults="pause:a")
+    wait_for((faults / "paused-a").exists, "the worker to reach a")
+    workers = descendants(run.pid)
+    run.send_signal(signal.SIGTERM)  # a never resumes: only the grace period can end it
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 130, err
+    rep = report(tmp_path)
+    assert rep["options"]["grace"] == 1.0
+    assert {e["job_id"]: e["status"] for e in rep["renders"]} == {"a": "cancelled",
+                                                                "b": "cancelled"}
+    assert_gone(workers)

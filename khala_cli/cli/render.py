@@ -278,6 +278,9 @@ def tags(as_json: bool) -> None:
 @click.option("--stall-timeout", type=click.FloatRange(min=1.0), default=600.0,
               show_default=True, metavar="SECONDS",
               help="Replace a worker that reports no progress for this long.")
+@click.option("--grace", type=click.FloatRange(min=0.0), default=60.0, show_default=True,
+              metavar="SECONDS", help="After the first Ctrl-C / SIGTERM, how long running "
+              "renders may take to finish before their workers are stopped.")
 @click.option("--save-codes", is_flag=True,
               help="Also keep each take's RVQ codes as <stem>.codes.npy (int16).")
 @click.option("--max-renders", type=click.IntRange(min=1), default=10_000, show_default=True,
@@ -288,7 +291,8 @@ def tags(as_json: bool) -> None:
               "first (once, into <download>-khala).")
 def render(manifest: Path, model: str | None, output_dir: Path | None, force: bool,
            only: tuple[str, ...], shard: str | None, devices: str, batch_size: int | None,
-           residency: str | None, retries: int, stall_timeout: float, save_codes: bool,
+           residency: str | None, retries: int, stall_timeout: float, grace: float,
+           save_codes: bool,
            max_renders: int, quiet: bool, convert: bool) -> None:
     """Render every job x seed of MANIFEST that is not done yet.
 
@@ -331,7 +335,7 @@ def render(manifest: Path, model: str | None, output_dir: Path | None, force: bo
                 m, manifest, model_dir, info, started=started, force=force, only=only_t,
                 shard=shard_t, devices=devices, n_devices=len(devs), batch_size=batch_size,
                 residency=residency, retries=retries, stall_timeout=stall_timeout,
-                save_codes=save_codes, quiet=quiet)
+                grace=grace, save_codes=save_codes, quiet=quiet)
     except LockHeld as exc:
         _echo_err(f"error: {exc}")
         sys.exit(EXIT_LOCKED)
@@ -360,7 +364,7 @@ def _devices(spec: str) -> list:
 def _render_locked(m, manifest: Path, model_dir: Path, info, *, started: datetime, force: bool,
                    only: tuple[str, ...], shard, devices: str, n_devices: int,
                    batch_size: int | None, residency: str | None, retries: int,
-                   stall_timeout: float, save_codes: bool, quiet: bool) -> int:
+                   stall_timeout: float, grace: float, save_codes: bool, quiet: bool) -> int:
     from khala_cli import report as rp
 
     p = _plan(m, info, force=force, only=only, shard=shard, save_codes=save_codes)
@@ -382,7 +386,7 @@ def _render_locked(m, manifest: Path, model_dir: Path, info, *, started: datetim
 
         opts = RunOptions(model_dir=str(model_dir), output_dir=str(m.output_dir),
                           devices=devices, batch_size=batch_size, residency=residency,
-                          retries=retries, stall_timeout=stall_timeout)
+                          retries=retries, stall_timeout=stall_timeout, grace=grace)
         display = _TtyProgress(err, len(to_run), n_devices) if tty else None
         seen: list[Any] = []
 
@@ -423,7 +427,8 @@ def _render_locked(m, manifest: Path, model_dir: Path, info, *, started: datetim
         model=_model_dict(model_dir, info, m.model), started_at=started,
         finished_at=finished, interrupted=interrupted, device_busy_s=busy, shard=shard,
         options={"devices": devices, "batch_size": batch_size, "residency": residency,
-                 "retries": retries, "stall_timeout": stall_timeout, "force": force,
+                 "retries": retries, "stall_timeout": stall_timeout, "grace": grace,
+                 "force": force,
                  "only": list(only), "save_codes": save_codes},
         excluded=p.excluded)
     rep = rp.build(p, outcomes, run)
