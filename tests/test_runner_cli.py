@@ -10,12 +10,11 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 from click.testing import CliRunner
+from processes import assert_gone, descendants, wait_for
 
 from khala_cli import outputs
 from khala_cli.cli import _register, cli
@@ -44,30 +43,10 @@ def khala(tmp_path: Path, *args: str, faults: str = "") -> subprocess.Popen:
                             cwd=tmp_path, env=env)
 
 
-def wait_for(pred, what: str, limit: float = 300.0) -> None:
-    deadline = time.monotonic() + limit  # a safety net, not an assertion on time
-    while not pred():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.05)
 
 
-def descendants(pid: int) -> list[int]:
-    return [p.pid for p in psutil.Process(pid).children(recursive=True)]
 
 
-def assert_gone(pids, limit: float = 60.0) -> None:
-    deadline = time.monotonic() + limit
-    alive = set(pids)
-    while alive and time.monotonic() < deadline:
-        for pid in list(alive):
-            try:
-                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                    alive.discard(pid)
-            except psutil.NoSuchProcess:
-                alive.discard(pid)
-        if alive:
-            time.sleep(0.1)
-    assert not alive, f"orphan processes: {sorted(alive)}"
 
 
 def report(tmp_path: Path) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from processes import assert_gone, wait_for
 
 from khala_cli import manifest, outputs
 from khala_cli.plan import build_renders
@@ -77,20 +78,6 @@ class Events:
         return {e["pid"] for e in self.of("worker")}
 
 
-def assert_gone(pids, limit: float = 60.0) -> None:
-    """Every pid has exited (a zombie counts as gone). `limit` is only a safety net."""
-    deadline = time.monotonic() + limit
-    alive = set(pids)
-    while alive and time.monotonic() < deadline:
-        for pid in list(alive):
-            try:
-                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                    alive.discard(pid)
-            except psutil.NoSuchProcess:
-                alive.discard(pid)
-        if alive:
-            time.sleep(0.1)
-    assert not alive, f"processes still running: {sorted(alive)}"
 
 
 def by_stem(result) -> dict[str, Outcome]:
@@ -391,11 +378,6 @@ class Script:
         return {e["pid"] for e in self.of("worker")}
 
 
-def wait_for(pred, what: str, limit: float = 300.0) -> None:
-    deadline = time.monotonic() + limit  # safety net only
-    while not pred():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_parent_killed_then_rerun_resumes_without_redoing_anything(tmp_path, demo_model_dir):
