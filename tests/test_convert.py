@@ -317,6 +317,7 @@ def test_render_on_raw_download_names_the_command_then_converts(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "dl-khala" / "model.json").exists()
+    assert f"converting the download {root.resolve()} once" in proc.stderr
     assert len(list((tmp_path / "out").rglob("*.wav"))) == 1
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,8 @@ def _only(m, only: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(wanted)
 
 
-def _model(m, *, build_demo: bool = True, convert: bool = False) -> tuple[Path | None, Any]:
+def _model(m, *, build_demo: bool = True, convert: bool = False,
+           announce: Callable[[str], None] | None = None) -> tuple[Path | None, Any]:
     """(model dir, ModelInfo); (None, None) for a demo model not built yet when not building."""
     from khala_cli.weights.resolve import ModelError, demo_dir, read_info, resolve_model
 
@@ -99,7 +101,7 @@ def _model(m, *, build_demo: bool = True, convert: bool = False) -> tuple[Path |
         if m.model == "demo" and not build_demo:
             d = demo_dir()
             return (d, read_info(d)) if (d / "model.json").exists() else (None, None)
-        return resolve_model(m.model, m.model_base, convert=convert)
+        return resolve_model(m.model, m.model_base, convert=convert, announce=announce)
     except ModelError as exc:
         _echo_err(f"error: model {m.model!r}"
                   + (f" ({m.path}:{m.model_line})" if m.model_line else "") + f": {exc}")
@@ -307,13 +309,7 @@ def render(manifest: Path, model: str | None, output_dir: Path | None, force: bo
     shard_t = _shard(shard)
     only_t = _only(m, only)
     devs = _devices(devices)
-    if convert and not quiet and m.model != "demo":
-        from khala_cli.weights.resolve import default_destination, is_raw_download
-
-        raw = (m.model_base / m.model).expanduser()
-        if is_raw_download(raw) and not (default_destination(raw) / "model.json").exists():
-            _echo_err(f"converting the download {raw} once (reads every model tensor) ...")
-    model_dir, info = _model(m, convert=convert)
+    model_dir, info = _model(m, convert=convert, announce=None if quiet else _echo_err)
     _ffmpeg()
     if info.demo:
         _echo_err(f"warning: {DEMO_LINE}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from khala_cli.engine.config import ModelInfo
@@ -45,13 +46,17 @@ def ensure_demo(path: Path | None = None) -> Path:
     path = path or demo_dir()
     if (path / MODEL_JSON).exists():
         return path
-    proc = subprocess.run(
-        [sys.executable, "-m", "khala_cli.weights.demo", str(path)],
-        capture_output=True, text=True,
-    )
-    if proc.returncode != 0 or not (path / MODEL_JSON).exists():
-        raise ModelError(f"could not build the demo model in {path}:\n{proc.stderr.strip()[-2000:]}")
-    return path
+    return _build_in_child(["khala_cli.weights.demo", str(path)], path,
+                           f"could not build the demo model in {path}")
+
+
+def _build_in_child(module_args: list[str], dst: Path, failure: str) -> Path:
+    """Run `python -m <module_args>`, which must leave a model directory at dst."""
+    proc = subprocess.run([sys.executable, "-m", *module_args],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0 or not (dst / MODEL_JSON).exists():
+        raise ModelError(f"{failure}:\n{proc.stderr.strip()[-2000:]}")
+    return dst
 
 
 def default_destination(src: str | Path) -> Path:
@@ -62,20 +67,17 @@ def default_destination(src: str | Path) -> Path:
 
 def convert_download(src: Path, dst: Path) -> Path:
     """Run `khala convert SRC DST` in a child process (torch stays out of this one)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "khala_cli.weights.convert", str(src), str(dst)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    if proc.returncode != 0 or not (dst / MODEL_JSON).exists():
-        raise ModelError(f"converting {src} failed:\n{proc.stderr.strip()[-2000:]}")
-    return dst
+    return _build_in_child(["khala_cli.weights.convert", str(src), str(dst)], dst,
+                           f"converting {src} failed")
 
 
-def resolve_model(ref: str, base: Path, *, convert: bool = False) -> tuple[Path, ModelInfo]:
+def resolve_model(ref: str, base: Path, *, convert: bool = False,
+                  announce: Callable[[str], None] | None = None) -> tuple[Path, ModelInfo]:
     """("demo" | a directory relative to `base`) -> (model directory, its model.json).
 
     A raw download is converted (once, next to it) when `convert` is set; otherwise the error
     gives the exact command. A download converted before is found at the default destination.
+    `announce` hears a line before a (long) conversion starts.
     """
     if ref == "demo":
         path = ensure_demo()
@@ -92,6 +94,9 @@ def resolve_model(ref: str, base: Path, *, convert: bool = False) -> tuple[Path,
                     f"converting once:\n  khala convert {path} {dst}\n"
                     f"then point `model:` at {dst} (or run render with --convert)."
                 )
+            if announce:
+                announce(f"converting the download {path} once into {dst} "
+                         "(reads every model tensor) ...")
             convert_download(path, dst)
         path = dst
     return path, read_info(path)
