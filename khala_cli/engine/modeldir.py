@@ -83,20 +83,26 @@ def expected_shapes(name: str, cfg) -> dict[str, tuple[int, ...]]:
     raise ValueError(f"unknown model component {name!r} (expected one of {COMPONENTS})")
 
 
+def shape_diff(
+    found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
+) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, mis-shaped) tensor names, each sorted."""
+    f, e = set(found), set(expected)
+    misshaped = sorted(k for k in f & e if tuple(found[k]) != tuple(expected[k]))
+    return sorted(e - f), sorted(f - e), misshaped
+
+
 def check_shapes(
     found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], file: str, config_file: str
 ) -> None:
     """Raise ModelDirError listing every missing, unexpected or mis-shaped tensor."""
-    problems = []
-    for k in sorted(set(expected) - set(found)):
-        problems.append(f"missing tensor {k!r} (expected shape {list(expected[k])})")
-    for k in sorted(set(found) - set(expected)):
-        problems.append(f"unexpected tensor {k!r} (shape {list(found[k])})")
-    for k in sorted(set(found) & set(expected)):
-        if tuple(found[k]) != tuple(expected[k]):
-            problems.append(
-                f"tensor {k!r} has shape {list(found[k])}, expected {list(expected[k])} per {config_file}"
-            )
+    missing, unexpected, misshaped = shape_diff(found, expected)
+    problems = [f"missing tensor {k!r} (expected shape {list(expected[k])})" for k in missing]
+    problems += [f"unexpected tensor {k!r} (shape {list(found[k])})" for k in unexpected]
+    problems += [
+        f"tensor {k!r} has shape {list(found[k])}, expected {list(expected[k])} per {config_file}"
+        for k in misshaped
+    ]
     if problems:
         shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
         raise ModelDirError(f"{file}: tensors do not match {config_file}:\n  " + "\n  ".join(shown))

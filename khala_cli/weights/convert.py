@@ -196,7 +196,7 @@ def convert_codec(path: Path, *, trust: bool, progress: Progress | None = None
     """(CodecConfig, {codebooks, decoder.*} in fp32, facts) from the Lightning checkpoint."""
     import torch
 
-    from khala_cli.engine.modeldir import codec_shapes
+    from khala_cli.engine.modeldir import codec_shapes, shape_diff
 
     if progress:
         progress("codec", 0, 3, "steps")
@@ -246,14 +246,12 @@ def convert_codec(path: Path, *, trust: bool, progress: Progress | None = None
     for k, v in decoder.items():
         out[k] = v.float().clone()
     expected = codec_shapes(config)
-    problems = []
-    for k in sorted(set(expected) - set(out)):
-        problems.append(f"missing tensor generator.{k} (expected shape {list(expected[k])})")
-    for k in sorted(set(out) - set(expected)):
-        problems.append(f"unmapped tensor generator.{k} (shape {list(out[k].shape)})")
-    for k in sorted(set(out) & set(expected)):
-        if k != "codebooks" and tuple(out[k].shape) != tuple(expected[k]):
-            problems.append(f"generator.{k} has shape {list(out[k].shape)}, expected {list(expected[k])}")
+    missing, unmapped, misshaped = shape_diff({k: tuple(v.shape) for k, v in out.items()}, expected)
+    problems = [f"missing tensor generator.{k} (expected shape {list(expected[k])})"
+                for k in missing]
+    problems += [f"unmapped tensor generator.{k} (shape {list(out[k].shape)})" for k in unmapped]
+    problems += [f"generator.{k} has shape {list(out[k].shape)}, expected {list(expected[k])}"
+                 for k in misshaped if k != "codebooks"]
     if problems:
         raise ConvertError(f"{path}: the decoder does not match a DAC decoder of "
                            f"{_describe(config)}:\n  " + "\n  ".join(problems[:20]))
