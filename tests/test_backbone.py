@@ -188,11 +188,11 @@ def test_end_of_song_stops_each_row(monkeypatch):
     key = {int(row_keys(seed_tensor([s]), 0)): s for s in (1, 2, 3)}
 
     def fake(logits, keys, *, step, candidate_ids, **kw):
-        tok = real(logits, keys, step=step, candidate_ids=candidate_ids, **kw)
+        tok, logp = real(logits, keys, step=step, candidate_ids=candidate_ids, **kw)
         # seed 1 ends at token 10, seed 3 at token 70, seed 2 runs to the cap
         seeds = torch.tensor([key[int(k)] for k in keys])
         ends = torch.where(seeds == 1, 10, torch.where(seeds == 3, 70, 10**6))
-        return torch.where(ends == step, eos, tok)
+        return torch.where(ends == step, eos, tok), logp
 
     monkeypatch.setattr(backbone, "sample_top_k", fake)
     calls = []
@@ -201,6 +201,9 @@ def test_end_of_song_stops_each_row(monkeypatch):
                             check_every=16)
     assert [o.shape[1] for o in out] == [5, 50, 35]
     assert calls and all(r > 0 for _, r in calls) and calls[-1][0] == 100
+    rows = backbone.generate_rows(model, LAYOUT, PROMPT, [1, 2, 3], top_k=4, temperature=1.0,
+                                  max_new_tokens=100, check_every=16)
+    assert [r.ended for r in rows] == ["end_of_song", "token_cap", "end_of_song"]
     # once every row has ended, decoding stops at the next check, not at the cap
     calls.clear()
     raw = backbone.decode_tokens(model, LAYOUT, PROMPT, [3, 1], top_k=4, temperature=1.0,
@@ -236,3 +239,60 @@ def test_cuda_accelerations_keep_tokens(options):
     fast = gen(model, [1, 2], max_new_tokens=300, **options)
     for a, b in zip(plain, fast, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# ---- log-probabilities and how a row ended ---------------------------------------
+
+
+def _recomputed_logprobs(model, tokens, top_k, temperature):
+    """Each sampled token's log-probability, recomputed from one full forward pass over
+    prompt + tokens with the full output projection (no cache, no candidate windows)."""
+    seq = torch.tensor([PROMPT + list(tokens)], dtype=torch.int64)
+    with torch.no_grad():
+        logits = model(seq)[0].float()  # [S, vocab]
+    out = []
+    for t, tok in enumerate(tokens):
+        row = logits[len(PROMPT) - 1 + t]
+        legal = torch.full_like(row, float("-inf"))
+        lo, hi = (Q0 if t % 2 == 0 else Q1)
+        legal[lo:hi] = row[lo:hi]
+        if t % 2 == 0:
+            legal[LAYOUT.end_of_song_id] = row[LAYOUT.end_of_song_id]
+        vals, idx = torch.topk(legal, top_k)
+        t_eff = temperature if temperature > 0 else 1.0
+        lp = torch.log_softmax(vals / t_eff, dim=-1)
+        hit = (idx == tok).nonzero()
+        assert hit.numel() == 1, f"token {tok} at step {t} is not in the top-{top_k}"
+        out.append(float(lp[hit[0, 0]]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_logprob_mean_equals_full_logits_recomputation(temperature):
+    model = make_model(3)
+    rows = backbone.generate_rows(model, LAYOUT, PROMPT, [11, 12], top_k=5,
+                                  temperature=temperature, max_new_tokens=24)
+    raw, logp = backbone.decode_tokens(model, LAYOUT, PROMPT, [11, 12], top_k=5,
+                                       temperature=temperature, max_new_tokens=24,
+                                       with_logprobs=True)
+    for row, toks, lps in zip(rows, raw, logp, strict=True):
+        want = _recomputed_logprobs(model, toks.tolist(), 5, temperature)
+        np.testing.assert_allclose(lps, want, atol=2e-4)
+        n = 2 * row.codes.shape[1]
+        assert row.logprob_mean == pytest.approx(want[:n].mean(), abs=2e-4)
+        assert row.logprob_mean < 0
+        assert row.ended == "token_cap"
+
+
+def test_rows_that_emit_end_of_song_say_so():
+    model = make_model(1, eos_row_zero=False)
+    with torch.no_grad():
+        model.output.weight[LAYOUT.end_of_song_id] = 50.0 * model.output.weight[Q0[0]]
+    rows = backbone.generate_rows(model, LAYOUT, PROMPT, [1, 2, 3], top_k=4, temperature=1.0,
+                                  max_new_tokens=200, check_every=8)
+    raw = backbone.decode_tokens(model, LAYOUT, PROMPT, [1, 2, 3], top_k=4, temperature=1.0,
+                                 max_new_tokens=200, check_every=8)
+    for row, toks in zip(rows, raw, strict=True):
+        has_eos = bool((toks[0::2] == LAYOUT.end_of_song_id).any())
+        assert row.ended == ("end_of_song" if has_eos else "token_cap")
+    assert any(r.ended == "end_of_song" for r in rows)

@@ -113,8 +113,9 @@ def test_stages_compose_like_render(renders):
     """backbone -> superres -> decode called one by one give the render's take."""
     p, takes, _ = renders["keep_loaded"]
     req = _request(p, seeds=[SEEDS[1]], max_new_tokens=40)
-    (q01,) = p.backbone(req)
-    assert q01.shape == (2, 20)
+    (row,) = p.backbone(req)
+    q01 = row.codes
+    assert q01.shape == (2, 20) and row.ended == "token_cap"
     # the same seed decodes the same first tokens whatever the cap and the batch
     assert np.array_equal(q01, takes[0][1].codes[:2, :20])
     (codes,) = p.superres(req, [q01])

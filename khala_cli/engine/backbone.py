@@ -4,6 +4,8 @@ Each batch row is one seed. Step t samples token t: even steps from the q0 codeb
 end-of-song, odd steps from the q1 codebook only, so the pairing cannot break. The hidden
 states are projected onto just those output rows. The loop issues device work only; the
 host looks at the tokens every `check_every` steps to stop early and report progress.
+The log-probability of every sampled token is kept on the device beside it (no host sync
+per token), for the take's `logprob_mean`: the model's own confidence in what it sampled.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,6 +46,7 @@ class _Decoder:
         self.keys = row_keys(seeds, STREAM_BACKBONE)
         b = seeds.shape[0]
         self.tokens = torch.zeros(b, max_new, dtype=torch.int64, device=dev)
+        self.logp = torch.zeros(b, max_new, dtype=torch.float32, device=dev)
         self.tok = torch.zeros(b, dtype=torch.int64, device=dev)  # last sampled token
         self.pos = torch.zeros(1, dtype=torch.int64, device=dev)  # where `tok` goes in
         self.step = torch.zeros(1, dtype=torch.int64, device=dev)  # index of the next token
@@ -50,9 +54,11 @@ class _Decoder:
     def sample(self, hidden: Tensor, parity: int) -> None:
         """Sample token `step` from hidden [B, hidden]; record it; advance the counters."""
         logits = torch.nn.functional.linear(hidden, self.weights[parity])
-        tok = sample_top_k(logits, self.keys, top_k=self.top_k, temperature=self.temperature,
-                           step=self.step, candidate_ids=self.ids[parity])
+        tok, logp = sample_top_k(logits, self.keys, top_k=self.top_k,
+                                 temperature=self.temperature, step=self.step,
+                                 candidate_ids=self.ids[parity], with_logprob=True)
         self.tokens.index_copy_(1, self.step, tok[:, None])
+        self.logp.index_copy_(1, self.step, logp[:, None])
         self.tok.copy_(tok)
         self.pos.add_(1)
         self.step.add_(1)
@@ -110,12 +116,15 @@ def decode_tokens(
     check_every: int = CHECK_EVERY,
     compile: bool = False,
     cuda_graphs: bool = False,
-) -> np.ndarray:
+    with_logprobs: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """The raw decode behind `generate`: token ids [B, steps], one row per seed.
 
     Steps run until every row has emitted end-of-song (looked at every `check_every`
     steps, so rows may run on past theirs: ignore what follows it) or max_new_tokens.
     stop_at_end=False always decodes max_new_tokens (benchmarks).
+    with_logprobs: return (tokens, logprobs), logprobs float32 [B, steps], each token's
+    log-probability under the distribution it was drawn from (see sample_top_k).
     """
     if not prompt_ids:
         raise ValueError("the backbone needs a non-empty prompt")
@@ -125,7 +134,8 @@ def decode_tokens(
     max_new = min(int(max_new_tokens), cap - p)
     b = len(seeds)
     if max_new <= 0 or b == 0:
-        return np.zeros((b, 0), dtype=np.int64)
+        empty = np.zeros((b, 0), dtype=np.int64)
+        return (empty, empty.astype(np.float32)) if with_logprobs else empty
     cache_len = p + max_new
     graphs = cuda_graphs and device.type == "cuda"
     eager = not (graphs or compile)
@@ -166,30 +176,58 @@ def decode_tokens(
                 if progress is not None:
                     progress(t + 1, t / max(time.perf_counter() - t0, 1e-9))
         tokens = st.tokens[:, :done_steps].cpu().numpy()
+        logprobs = st.logp[:, :done_steps].cpu().numpy()
         elapsed = time.perf_counter() - t0
     finally:
         model.clear_cache()
     if progress is not None:
         progress(done_steps, (done_steps - 1) / elapsed if done_steps > 1 else 0.0)
-    return tokens
+    return (tokens, logprobs) if with_logprobs else tokens
+
+
+def _kept(layout: TokenLayout, row: np.ndarray, stop_at_end: bool = True) -> tuple[int, bool]:
+    """(tokens kept, ended at end-of-song) of one raw row: cut at the first end-of-song,
+    then an unpaired last q0 dropped."""
+    n, ended = len(row), False
+    if stop_at_end:
+        hits = np.flatnonzero(row[0::2] == layout.end_of_song_id)
+        if hits.size:
+            n, ended = 2 * int(hits[0]), True
+    return n - n % 2, ended
 
 
 def split_codes(layout: TokenLayout, row: np.ndarray, stop_at_end: bool = True) -> np.ndarray:
     """One row of raw tokens -> int64 [2, frames] codes: cut at the first end-of-song,
     drop an unpaired last q0, subtract the q0 / q1 offsets."""
-    n = len(row)
-    if stop_at_end:
-        hits = np.flatnonzero(row[0::2] == layout.end_of_song_id)
-        if hits.size:
-            n = 2 * int(hits[0])
-    n -= n % 2
+    n, _ = _kept(layout, row, stop_at_end)
     pairs = np.asarray(row[:n], dtype=np.int64).reshape(-1, 2).T.copy()
     pairs[0] -= layout.layer_start(0)
     pairs[1] -= layout.layer_start(1)
     return pairs
 
 
-def generate(
+ENDED_EOS = "end_of_song"  # the row emitted end-of-song by itself
+ENDED_CAP = "token_cap"  # max_new_tokens (or the sequence length) cut it
+
+
+@dataclass
+class BackboneRow:
+    """One seed's backbone result."""
+
+    codes: np.ndarray  # int64 [2, frames]: q0, q1 (offsets subtracted)
+    ended: str  # ENDED_EOS | ENDED_CAP
+    logprob_mean: float | None  # mean log-probability of the kept tokens; None if none
+
+
+def row_result(layout: TokenLayout, tokens: np.ndarray, logprobs: np.ndarray) -> BackboneRow:
+    """One raw row of tokens [steps] and their log-probabilities [steps] -> BackboneRow."""
+    n, ended = _kept(layout, tokens)
+    mean = float(np.mean(logprobs[:n], dtype=np.float64)) if n else None
+    return BackboneRow(codes=split_codes(layout, tokens), ended=ENDED_EOS if ended else ENDED_CAP,
+                       logprob_mean=mean)
+
+
+def generate_rows(
     model: Transformer,
     layout: TokenLayout,
     prompt_ids: list[int],
@@ -201,12 +239,11 @@ def generate(
     progress: Callable[[int, float], None] | None = None,
     max_seq_len: int | None = None,
     **options,
-) -> list[np.ndarray]:
-    """Decode one prompt for every seed (one batch row each).
+) -> list[BackboneRow]:
+    """Decode one prompt for every seed (one batch row each); per seed a BackboneRow.
 
-    Returns per seed an int64 array [2, frames]: q0 codes in row 0, q1 in row 1, offsets
-    subtracted (0..codebook_size-1). A row stops at end-of-song (not emitted) or after
-    max_new_tokens (capped so prompt + tokens fit max_seq_len and the config's); an odd
+    A row stops at end-of-song (not emitted; ended=end_of_song) or after max_new_tokens
+    (capped so prompt + tokens fit max_seq_len and the config's; ended=token_cap); an odd
     count drops the last, unpaired q0. progress(tokens_done, tokens_per_s): tokens decoded
     per row so far and the per-row rate of the steps after the prefill, every
     `check_every` steps and once at the end.
@@ -215,9 +252,14 @@ def generate(
     """
     if not seeds:
         return []
-    tokens = decode_tokens(model, layout, prompt_ids, seeds, top_k=top_k, temperature=temperature,
-                           max_new_tokens=max_new_tokens, progress=progress,
-                           max_seq_len=max_seq_len, **options)
-    if tokens.shape[1] == 0:
-        return [np.zeros((2, 0), dtype=np.int64) for _ in seeds]
-    return [split_codes(layout, row) for row in tokens]
+    tokens, logprobs = decode_tokens(
+        model, layout, prompt_ids, seeds, top_k=top_k, temperature=temperature,
+        max_new_tokens=max_new_tokens, progress=progress, max_seq_len=max_seq_len,
+        with_logprobs=True, **options)
+    return [row_result(layout, t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
+
+
+def generate(model: Transformer, layout: TokenLayout, prompt_ids: list[int], seeds: list[int],
+             **kwargs) -> list[np.ndarray]:
+    """generate_rows, codes only: per seed int64 [2, frames] (q0 row 0, q1 row 1)."""
+    return [r.codes for r in generate_rows(model, layout, prompt_ids, seeds, **kwargs)]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from khala_cli.engine import modeldir
+from khala_cli.engine.backbone import BackboneRow, generate_rows
 from khala_cli.engine.config import CodecConfig, ModelInfo
 from khala_cli.engine.tokens import TokenLayout
 
@@ -61,6 +62,8 @@ class Take:
     audio: np.ndarray  # float32 [samples, channels]
     backbone_tokens: int  # q0/q1 tokens kept (2 x frames)
     timings: dict[str, float] = field(default_factory=dict)
+    ended: str = "end_of_song"  # or "token_cap": max_new_tokens cut the song
+    logprob_mean: float | None = None  # the backbone's mean log-probability of its tokens
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -175,9 +178,8 @@ class Pipeline:
 
     # ---- stages ---------------------------------------------------------------------------
 
-    def backbone(self, req: Request, progress: Progress | None = None) -> list[np.ndarray]:
-        """Per seed: int64 [2, frames] q0/q1 codes (0..codebook_size-1)."""
-        from khala_cli.engine.backbone import generate
+    def backbone(self, req: Request, progress: Progress | None = None) -> list[BackboneRow]:
+        """Per seed: its BackboneRow, codes int64 [2, frames] q0/q1 (0..codebook_size-1)."""
 
         if not req.seeds:
             return []
@@ -189,7 +191,7 @@ class Pipeline:
                 progress("backbone", min(int(done), total), total,
                          {"tokens_per_s": float(tokens_per_s)})
             progress("backbone", 0, total, {"tokens_per_s": 0.0})
-        out = generate(
+        out = generate_rows(
             model, self.layout, list(req.backbone_ids), list(req.seeds),
             top_k=req.top_k_bb, temperature=req.temperature,
             max_new_tokens=req.max_new_tokens, progress=cb, **self.backbone_options,
@@ -255,7 +257,7 @@ class Pipeline:
             times[i]["backbone_s"] = stage_time(t)
         for i, req in enumerate(requests):
             t = time.perf_counter()
-            codes.append(self.superres(req, q01s[i], tagged(i)))
+            codes.append(self.superres(req, [r.codes for r in q01s[i]], tagged(i)))
             times[i]["superres_s"] = stage_time(t)
         flat = [c for per_req in codes for c in per_req]
         t = time.perf_counter()
@@ -265,12 +267,13 @@ class Pipeline:
         out, k = [], 0
         for i, req in enumerate(requests):
             takes = []
-            for seed, q01, c in zip(req.seeds, q01s[i], codes[i], strict=True):
+            for seed, row, c in zip(req.seeds, q01s[i], codes[i], strict=True):
                 tm = {**times[i], "decode_s": decode_s}
                 tm["total_s"] = tm["backbone_s"] + tm["superres_s"] + decode_s
                 tm["load_s"] = load_s
                 takes.append(Take(seed=int(seed), codes=c, audio=audio[k],
-                                  backbone_tokens=2 * int(q01.shape[1]), timings=tm))
+                                  backbone_tokens=2 * int(row.codes.shape[1]), timings=tm,
+                                  ended=row.ended, logprob_mean=row.logprob_mean))
                 k += 1
             out.append(takes)
         return out

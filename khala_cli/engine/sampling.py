@@ -59,22 +59,33 @@ def sample_top_k(
     temperature: float,
     step: Tensor | int,
     candidate_ids: Tensor | None = None,
-) -> Tensor:
+    with_logprob: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Draw one candidate per row of `logits` [..., N].
 
     keys (from `row_keys`) and step: int64, broadcastable to logits.shape[:-1].
     candidate_ids: [N] ids the columns stand for (default the column index); the noise is
     keyed on these ids and the result is in them. Top-k first, then
     softmax(top / temperature); temperature <= 0 or top_k == 1 is greedy.
+    with_logprob: also return the fp32 log-probability [...] of the drawn candidate under
+    the distribution it was drawn from (greedy: softmax of the top-k at temperature 1,
+    since a point mass says nothing about the model's confidence).
     """
     k = max(1, min(int(top_k), logits.shape[-1]))
     vals, idx = torch.topk(logits.float(), k, dim=-1)
     cand = idx if candidate_ids is None else candidate_ids[idx]
     if temperature <= 0 or k == 1:
-        return cand[..., 0]
-    probs = torch.softmax(vals / temperature, dim=-1)
+        tok = cand[..., 0]
+        if not with_logprob:
+            return tok
+        return tok, torch.log_softmax(vals, dim=-1)[..., 0]
+    scaled = vals / temperature
+    probs = torch.softmax(scaled, dim=-1)
     if isinstance(step, Tensor) and step.dim():
         step = step.unsqueeze(-1)
     u = hash_uniform(keys.unsqueeze(-1), step, cand)
     choice = torch.argmax(probs / -torch.log(u), dim=-1, keepdim=True)
-    return torch.gather(cand, -1, choice).squeeze(-1)
+    tok = torch.gather(cand, -1, choice).squeeze(-1)
+    if not with_logprob:
+        return tok
+    return tok, torch.gather(torch.log_softmax(scaled, dim=-1), -1, choice).squeeze(-1)

@@ -229,6 +229,7 @@ class Batch:
         self.ids = {r.key: e["id"] for r, e in zip(self.renders, entries, strict=True)}
         self.first = self.renders[0]
         self.q01: dict[str, Any] = {}
+        self.backbone_stats: dict[str, dict] = {}  # key -> {ended, logprob_mean}
         self.resumed: set[str] = set()
         self.codes: list = []
         self.timings = {"backbone_s": 0.0, "superres_s": 0.0, "decode_s": 0.0}
@@ -350,9 +351,11 @@ class Worker:
         t = time.monotonic()
         out = self.pipeline.backbone(self._request(b, seeds), progress=self._progress(b, seeds))
         b.timings["backbone_s"] = time.monotonic() - t
-        for render, q in zip(todo, out, strict=True):
-            save_q01(work_path(self.output_dir, render.key), q)
-            b.q01[render.key] = q
+        for render, row in zip(todo, out, strict=True):
+            save_q01(work_path(self.output_dir, render.key), row.codes)
+            b.q01[render.key] = row.codes
+            b.backbone_stats[render.key] = {"ended": row.ended,
+                                            "logprob_mean": row.logprob_mean}
         self.faults.fire("after_backbone", b.job_ids, len(b.renders))
 
     def _superres(self, b: Batch) -> None:
@@ -383,6 +386,7 @@ class Worker:
             timings["total_s"] = round(sum(timings.values()), 3)
             info = {"tokens": {"prompt": len(b.bb_ids),
                                "backbone": int(b.q01[render.key].shape[1]) * 2},
+                    "backbone": b.backbone_stats.get(render.key, {}),
                     "timings": timings, "device": self.device_label, "model": info_model}
             try:
                 files = outputs.write_take(render, wav, sr, codes=codes, info=info)
