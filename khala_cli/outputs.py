@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from khala_cli import __version__
+from khala_cli.analysis import analyse
 from khala_cli.plan import Render
 
 MP3_BITRATE = "320k"
@@ -79,7 +80,7 @@ def check_ffmpeg() -> str | None:
 
 
 @contextmanager
-def _atomic(final: Path) -> Iterator[Path]:
+def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to `final`; rename it into place if the block succeeds."""
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent)
@@ -96,7 +97,8 @@ def _atomic(final: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def _prepare_audio(audio: Any) -> np.ndarray:
+def _checked_audio(audio: Any) -> np.ndarray:
+    """float32 [samples, channels], all finite; OutputError otherwise."""
     a = np.asarray(audio, dtype=np.float32)
     if a.ndim == 1:
         a = a[:, None]
@@ -105,14 +107,13 @@ def _prepare_audio(audio: Any) -> np.ndarray:
     if not np.isfinite(a).all():
         bad = int((~np.isfinite(a)).sum())
         raise OutputError(f"audio has {bad} NaN/inf samples; the take is not usable")
-    # The decoder has no final tanh: peaks can pass full scale. Clip rather than wrap.
-    return np.clip(a, -1.0, 1.0)
+    return a
 
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     import soundfile as sf
 
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         sf.write(str(tmp), audio, int(sample_rate), subtype="PCM_24", format="WAV")
 
 
@@ -140,7 +141,7 @@ def write_mp3(path: Path, wav: Path, render: Render, *, demo: bool = False) -> N
     for i, (k, v) in enumerate(meta.items()):
         kwargs[f"metadata:g:{i}"] = f"{k}={v}"
     exe = ffmpeg_exe()
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         stream = ffmpeg.input(str(wav)).output(str(tmp), **kwargs).global_args(
             "-nostdin", "-hide_banner", "-loglevel", "error").overwrite_output()
         try:
@@ -161,13 +162,13 @@ def write_codes(path: Path, codes: Any) -> None:
         raise OutputError(f"codes must be [num_quantizers, frames], got shape {c.shape}")
     if c.min() < 0 or c.max() > np.iinfo(np.int16).max:
         raise OutputError(f"codes out of int16 range: {int(c.min())}..{int(c.max())}")
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, c.astype(np.int16), allow_pickle=False)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -218,9 +219,14 @@ def write_take(render: Render, audio: Any, sample_rate: int, *, codes: Any = Non
     "done" while its audio files are being replaced.
     """
     info = info or {}
-    a = _prepare_audio(audio)
+    raw = _checked_audio(audio)
     if int(sample_rate) <= 0:
         raise OutputError(f"bad sample rate {sample_rate}")
+    stats = info.get("backbone") or {}
+    measured = analyse(raw, int(sample_rate), q0=None if codes is None else np.asarray(codes)[0],
+                       ended=stats.get("ended"), logprob_mean=stats.get("logprob_mean"))
+    # The decoder has no final tanh: peaks can pass full scale. Clip rather than wrap.
+    a = np.clip(raw, -1.0, 1.0)
     out_dir = Path(render.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     wav, mp3, js = render.path(".wav"), render.path(".mp3"), render.path(".json")
@@ -247,6 +253,7 @@ def write_take(render: Render, audio: Any, sample_rate: int, *, codes: Any = Non
         files["codes"] = cpath.name
     data = sidecar(render, sample_rate=sample_rate, channels=a.shape[1], samples=a.shape[0],
                    info=info, files=files)
+    data["analysis"] = measured
     try:
         write_json(js, data)
     except OSError as exc:

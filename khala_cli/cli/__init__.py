@@ -25,7 +25,7 @@ def cli() -> None:
 
 def _register() -> None:
     # Each command lives in its own module; importing registers it on `cli`.
-    from khala_cli.cli import bench, models, render  # noqa: F401
+    from khala_cli.cli import bench, models, render, review  # noqa: F401
 
 
 def main() -> None:

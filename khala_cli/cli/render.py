@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from khala_cli.cli import cli
+from khala_cli.cli.review import review_page
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 75, 130
 DEMO_LINE = ("model: demo (tiny and untrained: it renders noise, not music; it is here to try "
@@ -429,6 +430,7 @@ def _render_locked(m, manifest: Path, model_dir: Path, info, *, started: datetim
         excluded=p.excluded)
     rep = rp.build(p, outcomes, run)
     paths = rp.write(rep, m.output_dir, started, shard)
+    page = review_page(m.output_dir)
     s = rep["summary"]
     for e in rp.failures(rep):
         _echo_err(f"failed: {e['job_id']} seed {e['seed']}: {e['error']}"
@@ -436,12 +438,14 @@ def _render_locked(m, manifest: Path, model_dir: Path, info, *, started: datetim
     if quiet:
         click.echo(f"{s['rendered']} rendered, {s['skipped']} skipped, {s['failed']} failed"
                    + (f", {s['cancelled']} not finished" if s["cancelled"] else "")
-                   + f"; report {paths['json']}")
+                   + f"; report {paths['json']}" + (f"; review page {page}" if page else ""))
     else:
         out = _out_console()
         out.print(rp.summary_table(rep))
         out.print(f"report: {paths['json']} (and {paths['csv'].name}, "
                   f"{paths['latest_json'].name})")
+        if page:
+            out.print(f"review page: {page}")
     return s["exit_code"]
 
 

@@ -1,0 +1,82 @@
+"""`khala analyse` and `khala report`: measure the takes on disk and lay them out on one page."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from khala_cli.cli import cli
+
+EXIT_BAD_INPUT = 2
+
+OUTPUT_DIR_ARG = click.argument("output_dir", type=click.Path(path_type=Path))
+
+
+def review_page(output_dir: Path) -> Path | None:
+    """Rewrite the review page after a run; a failure is a warning, never the run's end."""
+    from khala_cli.review import write_page
+
+    try:
+        return write_page(output_dir)
+    except Exception as exc:  # noqa: BLE001 - the renders and reports are already safe
+        click.echo(f"warning: could not write the review page: {type(exc).__name__}: {exc}",
+                   err=True)
+        return None
+
+
+def _output_dir(path: Path) -> Path:
+    from khala_cli.takes import NotAnOutputDir, check_output_dir
+
+    try:
+        return check_output_dir(path)
+    except NotAnOutputDir as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+@cli.command("analyse")
+@OUTPUT_DIR_ARG
+@click.option("--force", is_flag=True, help="Measure every take again, not only those "
+              "without an analysis.")
+def analyse_cmd(output_dir: Path, force: bool) -> None:
+    """Fill in the analysis of takes rendered before khala measured them.
+
+    Reads each take's WAV (and its saved codes, where --save-codes kept them) and adds
+    `analysis` to its sidecar. Nothing is rendered again and no render key changes. Then
+    rewrites the review page.
+    """
+    from khala_cli.takes import backfill, read_takes
+
+    root = _output_dir(output_dir)
+    done = failed = 0
+    for take in read_takes(root):
+        if take.data is None:
+            click.echo(f"skipped {take.path}: {take.problem}", err=True)
+            continue
+        try:
+            done += backfill(take, force=force)
+        except Exception as exc:  # noqa: BLE001 - one broken take does not stop the others
+            failed += 1
+            click.echo(f"error: {take.path}: cannot measure: {type(exc).__name__}: {exc}",
+                       err=True)
+    page = review_page(root)
+    click.echo(f"analysed {done} takes" + (f", {failed} could not be read" if failed else "")
+               + (f"; review page {page}" if page else ""))
+    sys.exit(1 if failed else 0)
+
+
+@cli.command("report")
+@OUTPUT_DIR_ARG
+def report_cmd(output_dir: Path) -> None:
+    """Write OUTPUT_DIR/reports/index.html: every take, ranked, with players.
+
+    Built from the files on disk (every sidecar, run report and shard report), so it can be
+    rebuilt at any time. The page is self-contained and uses relative links: copy the whole
+    output directory and it still plays.
+    """
+    from khala_cli.review import write_page
+
+    path = write_page(_output_dir(output_dir))
+    click.echo(str(path))

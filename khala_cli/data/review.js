@@ -1,0 +1,53 @@
+"use strict";
+(function () {
+  const LEVELS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_";
+  const body = document.body;
+  const search = document.getElementById("search");
+  const hide = document.getElementById("hide-flagged");
+  const shown = document.getElementById("shown");
+  const jobs = Array.from(document.querySelectorAll("section.job"));
+  const rows = Array.from(document.querySelectorAll("table.jobs tbody tr"));
+
+  function draw(canvas) {
+    const peaks = canvas.dataset.peaks || "";
+    const ctx = canvas.getContext("2d");
+    const w = canvas.width, h = canvas.height, n = peaks.length;
+    ctx.clearRect(0, 0, w, h);
+    ctx.fillStyle = canvas.closest(".flagged") ? "#d0a19c" : "#5b74e0";
+    for (let i = 0; i < n; i++) {
+      const v = Math.max(LEVELS.indexOf(peaks[i]), 0) / 63;
+      const bh = Math.max(1, v * (h - 2));
+      ctx.fillRect(i * w / n, (h - bh) / 2, Math.max(1, w / n - 0.5), bh);
+    }
+  }
+
+  const seen = new IntersectionObserver(function (entries) {
+    for (const e of entries) {
+      if (e.isIntersecting) { draw(e.target); seen.unobserve(e.target); }
+    }
+  }, { rootMargin: "400px" });
+  document.querySelectorAll("canvas.wave").forEach(function (c) { seen.observe(c); });
+
+  // One player at a time.
+  document.addEventListener("play", function (ev) {
+    document.querySelectorAll("audio").forEach(function (a) { if (a !== ev.target) a.pause(); });
+  }, true);
+
+  function apply() {
+    const q = search.value.trim().toLowerCase();
+    let visible = 0;
+    for (const j of jobs) {
+      const match = !q || j.dataset.search.includes(q);
+      j.classList.toggle("hidden", !match);
+      if (match) {
+        visible += j.querySelectorAll(hide.checked ? "li.take:not(.flagged)" : "li.take").length;
+      }
+    }
+    for (const r of rows) r.classList.toggle("hidden", !!q && !r.dataset.search.includes(q));
+    body.classList.toggle("hide-flagged", hide.checked);
+    shown.textContent = visible + " takes shown";
+  }
+  search.addEventListener("input", apply);
+  hide.addEventListener("change", apply);
+  apply();
+})();
