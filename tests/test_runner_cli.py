@@ -175,6 +175,8 @@ def test_sigterm_mid_run_exits_130_with_a_report_and_no_orphans(tmp_path, demo_m
     assert rep["summary"]["interrupted"] is True and rep["summary"]["exit_code"] == 130
     status = {e["job_id"]: e["status"] for e in rep["renders"]}
     assert status == {"a": "rendered", "b": "rendered", "c": "cancelled"}
+    page = (tmp_path / "out" / "reports" / "index.html").read_text()  # rewritten after it
+    assert 'id="job-a"' in page and 'id="job-b"' in page and 'id="job-c"' not in page
     assert_gone(workers)
     assert outputs.temp_files(tmp_path / "out") == []
     assert not (tmp_path / "out" / ".khala" / "lock").exists()
