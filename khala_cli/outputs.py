@@ -12,6 +12,9 @@ crash never leaves a half-written file under a real name. No torch here.
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -39,8 +42,36 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+# A full disk, a full quota or a read-only file system: no take can be written until a
+# person acts, so the run stops handing out work (runner) instead of retrying.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# Bytes per audio minute: 24-bit stereo 44.1 kHz WAV, and a 320 kb/s MP3.
+WAV_BYTES_PER_MINUTE = 44100 * 2 * 3 * 60
+MP3_BYTES_PER_MINUTE = 320_000 // 8 * 60
+
+
 class OutputError(Exception):
-    """A take could not be written; the message says why. The render is failed."""
+    """A take could not be written; the message says why. The render is failed.
+    `no_space` when the file system refused for lack of room or write access (errno in
+    NO_SPACE_ERRNOS); `path` is the file being written."""
+
+    def __init__(self, message: str, *, path: Path | None = None, no_space: bool = False):
+        super().__init__(message)
+        self.path = path
+        self.no_space = no_space
+
+
+def bytes_per_take(minutes: float, save_codes: bool = False) -> int:
+    """Disk one take needs: WAV + MP3 (+ codes: 64 x 21.5 frames/s x 2 bytes)."""
+    codes = 64 * 2 * 44100 / 2048 * 60 if save_codes else 0
+    return int(minutes * (WAV_BYTES_PER_MINUTE + MP3_BYTES_PER_MINUTE + codes)) + 16_384
+
+
+def _os_error(path: Path, exc: OSError) -> OutputError:
+    """An OSError while writing `path`, with the operating system's own words."""
+    text = exc.strerror or str(exc)
+    return OutputError(f"cannot write {path}: {text} (errno {exc.errno})", path=path,
+                       no_space=exc.errno in NO_SPACE_ERRNOS)
 
 
 def ffmpeg_exe() -> str:
@@ -83,7 +114,9 @@ def check_ffmpeg() -> str | None:
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to `final`; rename it into place if the block succeeds."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent)
+    # The temporary name must fit the 255-byte limit too (mkstemp adds 8 characters).
+    stem = final.name.encode("utf-8")[: 255 - len(TMP_PREFIX) - 10].decode("utf-8", "ignore")
+    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{stem}.", dir=final.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -110,11 +143,25 @@ def _checked_audio(audio: Any) -> np.ndarray:
     return a
 
 
-def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
+def write_bytes(path: Path, data: bytes) -> dict[str, Any]:
+    """Write `data` to `path` atomically; its record {bytes, sha256}. OutputError (with the
+    OS's words, and no_space set when the disk is full or read-only) on failure."""
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+    except OSError as exc:
+        raise _os_error(path, exc) from None
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
+    """24-bit PCM WAV, encoded in memory (so a disk error is the OS's, not libsndfile's)."""
     import soundfile as sf
 
-    with atomic_path(path) as tmp:
-        sf.write(str(tmp), audio, int(sample_rate), subtype="PCM_24", format="WAV")
+    buf = io.BytesIO()
+    sf.write(buf, audio, int(sample_rate), subtype="PCM_24", format="WAV")
+    return buf.getvalue()
 
 
 def _mp3_metadata(render: Render) -> dict[str, str]:
@@ -127,8 +174,9 @@ def _mp3_metadata(render: Render) -> dict[str, str]:
     return tags
 
 
-def write_mp3(path: Path, wav: Path, render: Render, *, demo: bool = False) -> None:
-    """Encode `wav` to a 320 kb/s MP3 with tags; OutputError with ffmpeg's reason on failure."""
+def mp3_bytes(wav: bytes, render: Render, *, demo: bool = False) -> bytes:
+    """A 320 kb/s MP3 with tags, encoded by ffmpeg from WAV bytes through pipes;
+    OutputError with ffmpeg's reason on failure."""
     import ffmpeg  # ffmpeg-python
 
     meta = _mp3_metadata(render)
@@ -136,40 +184,39 @@ def write_mp3(path: Path, wav: Path, render: Render, *, demo: bool = False) -> N
         meta["comment"] += f"; {DEMO_NOTE}"
     kwargs: dict[str, Any] = {
         "format": "mp3", "acodec": "libmp3lame", "audio_bitrate": MP3_BITRATE,
-        "ar": MP3_SAMPLE_RATE, "id3v2_version": 3,
+        "ar": MP3_SAMPLE_RATE, "id3v2_version": 3, "write_xing": 0,
     }
     for i, (k, v) in enumerate(meta.items()):
         kwargs[f"metadata:g:{i}"] = f"{k}={v}"
     exe = ffmpeg_exe()
-    with atomic_path(path) as tmp:
-        stream = ffmpeg.input(str(wav)).output(str(tmp), **kwargs).global_args(
-            "-nostdin", "-hide_banner", "-loglevel", "error").overwrite_output()
-        try:
-            stream.run(cmd=exe, capture_stdout=True, capture_stderr=True)
-        except ffmpeg.Error as exc:
-            err = (exc.stderr or b"").decode("utf-8", "replace").strip()
-            raise OutputError(f"MP3 encoding failed (ffmpeg {exe}): "
-                              f"{err[-1500:] or 'exit status ' + str(exc)}") from None
-        except OSError as exc:
-            raise OutputError(f"MP3 encoding failed: cannot run ffmpeg {exe}: {exc}") from None
-        if tmp.stat().st_size == 0:
-            raise OutputError(f"MP3 encoding failed: ffmpeg {exe} wrote an empty file")
+    stream = ffmpeg.input("pipe:", format="wav").output("pipe:", **kwargs).global_args(
+        "-nostdin", "-hide_banner", "-loglevel", "error")
+    try:
+        out, _ = stream.run(cmd=exe, input=wav, capture_stdout=True, capture_stderr=True)
+    except ffmpeg.Error as exc:
+        err = (exc.stderr or b"").decode("utf-8", "replace").strip()
+        raise OutputError(f"MP3 encoding failed (ffmpeg {exe}): "
+                          f"{err[-1500:] or 'exit status ' + str(exc)}") from None
+    except OSError as exc:
+        raise OutputError(f"MP3 encoding failed: cannot run ffmpeg {exe}: {exc}") from None
+    if not out:
+        raise OutputError(f"MP3 encoding failed: ffmpeg {exe} wrote nothing")
+    return out
 
 
-def write_codes(path: Path, codes: Any) -> None:
+def codes_bytes(codes: Any) -> bytes:
     c = np.asarray(codes)
     if c.ndim != 2 or c.size == 0:
         raise OutputError(f"codes must be [num_quantizers, frames], got shape {c.shape}")
     if c.min() < 0 or c.max() > np.iinfo(np.int16).max:
         raise OutputError(f"codes out of int16 range: {int(c.min())}..{int(c.max())}")
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, c.astype(np.int16), allow_pickle=False)
+    buf = io.BytesIO()
+    np.save(buf, c.astype(np.int16), allow_pickle=False)
+    return buf.getvalue()
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def sidecar(render: Render, *, sample_rate: int, channels: int, samples: int,
@@ -183,6 +230,10 @@ def sidecar(render: Render, *, sample_rate: int, channels: int, samples: int,
         "title": render.title,
         "artist": render.artist,
         "album": render.album,
+        "track": render.track,
+        "year": render.year,
+        "genre": render.genre,
+        "job_index": render.job_index,
         "seed": render.seed,
         "mode": render.mode,
         "prompt_mode": render.prompt_mode,
@@ -214,50 +265,46 @@ def write_take(render: Render, audio: Any, sample_rate: int, *, codes: Any = Non
                info: dict[str, Any] | None = None) -> dict[str, str]:
     """Write one take's files; the sidecar last. Returns {"wav", "mp3", ["codes"], "json"}.
 
-    Raises OutputError (the render fails with that reason); files of other renders are
-    never touched. An earlier sidecar of this take is removed first, so the take is never
-    "done" while its audio files are being replaced.
+    Every file is encoded in memory first, then written atomically, so a disk error carries
+    the OS's words. Raises OutputError (the render fails with that reason; `no_space` when
+    the disk is full or read-only); files of other renders are never touched. An earlier
+    sidecar of this take is removed first, so the take is never "done" while its audio
+    files are being replaced.
     """
     info = info or {}
     raw = _checked_audio(audio)
     if int(sample_rate) <= 0:
         raise OutputError(f"bad sample rate {sample_rate}")
+    if render.save_codes and codes is None:
+        raise OutputError("--save-codes was asked for but the engine gave no codes")
     stats = info.get("backbone") or {}
     measured = analyse(raw, int(sample_rate), q0=None if codes is None else np.asarray(codes)[0],
                        ended=stats.get("ended"), logprob_mean=stats.get("logprob_mean"))
     # The decoder has no final tanh: peaks can pass full scale. Clip rather than wrap.
     a = np.clip(raw, -1.0, 1.0)
-    out_dir = Path(render.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wav, mp3, js = render.path(".wav"), render.path(".mp3"), render.path(".json")
-    js.unlink(missing_ok=True)
-
-    written: dict[str, str] = {}
-    try:
-        write_wav(wav, a, sample_rate)
-    except OutputError:
-        raise
-    except Exception as exc:  # soundfile / OS errors: name the file
-        raise OutputError(f"cannot write {wav}: {exc}") from None
-    written["wav"] = str(wav)
-    demo = bool((info.get("model") or {}).get("demo", False))
-    write_mp3(mp3, wav, render, demo=demo)
-    written["mp3"] = str(mp3)
-    files = {"wav": wav.name, "mp3": mp3.name}
+    wav = wav_bytes(a, sample_rate)
+    blobs = {"wav": wav, "mp3": mp3_bytes(wav, render, demo=bool(
+        (info.get("model") or {}).get("demo", False)))}
     if render.save_codes:
-        if codes is None:
-            raise OutputError("--save-codes was asked for but the engine gave no codes")
-        cpath = render.path(".codes.npy")
-        write_codes(cpath, codes)
-        written["codes"] = str(cpath)
-        files["codes"] = cpath.name
-    data = sidecar(render, sample_rate=sample_rate, channels=a.shape[1], samples=a.shape[0],
-                   info=info, files=files)
-    data["analysis"] = measured
+        blobs["codes"] = codes_bytes(codes)
+    suffix = {"wav": ".wav", "mp3": ".mp3", "codes": ".codes.npy"}
+    js = render.path(".json")
     try:
-        write_json(js, data)
+        Path(render.out_dir).mkdir(parents=True, exist_ok=True)
+        js.unlink(missing_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot write {js}: {exc}") from None
+        raise _os_error(js, exc) from None
+    written, records = {}, {}
+    for kind, data in blobs.items():
+        path = render.path(suffix[kind])
+        records[kind] = write_bytes(path, data)
+        written[kind] = str(path)
+    files = {k: Path(v).name for k, v in written.items()}
+    side = sidecar(render, sample_rate=sample_rate, channels=a.shape[1], samples=a.shape[0],
+                   info=info, files=files)
+    side["file_records"] = records
+    side["analysis"] = measured
+    write_json(js, side)
     written["json"] = str(js)
     return written
 
@@ -272,19 +319,24 @@ def read_sidecar(path: str | Path) -> dict[str, Any] | None:
 
 
 def is_done(render: Render) -> bool:
-    """The sidecar exists with this render's key, and its audio files exist."""
+    """The sidecar exists with this render's key, and its files exist with the sizes it
+    records (a cheap check: `khala verify` compares hashes). Sidecars from before the
+    records: the files exist and are not empty."""
     data = read_sidecar(render.path(".json"))
     if data is None or data.get("render_key") != render.key:
         return False
-    needed = [".wav", ".mp3"] + ([".codes.npy"] if render.save_codes else [])
-    return all(_nonempty(render.path(s)) for s in needed)
+    needed = {"wav": ".wav", "mp3": ".mp3"} | ({"codes": ".codes.npy"} if render.save_codes
+                                               else {})
+    records = data.get("file_records") or {}
+    return all(_size(render.path(s)) == (records.get(k) or {}).get("bytes", _size(render.path(s)))
+               and _size(render.path(s)) > 0 for k, s in needed.items())
 
 
-def _nonempty(p: Path) -> bool:
+def _size(p: Path) -> int:
     try:
-        return p.stat().st_size > 0
+        return p.stat().st_size
     except OSError:
-        return False
+        return -1
 
 
 def temp_files(root: str | Path, stems: set[str] | None = None) -> list[Path]:

@@ -58,6 +58,7 @@ class RunInfo:
     shard: tuple[int, int] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     excluded: int = 0
+    no_space: dict[str, str] | None = None  # {path, error}: the output disk refused a write
 
 
 def entry(item: PlannedRender, outcome: Any | None) -> dict[str, Any]:
@@ -122,7 +123,8 @@ def build(plan: Plan, outcomes: list[Any], run: RunInfo) -> dict[str, Any]:
         "renders_per_hour": round(counts["rendered"] / (wall / 3600.0), 2) if wall > 0 else 0.0,
         "device_busy_s": {k: round(float(v), 3) for k, v in sorted(run.device_busy_s.items())},
         "interrupted": run.interrupted,
-        "exit_code": exit_code(counts, run.interrupted),
+        "no_space": run.no_space,
+        "exit_code": exit_code(counts, run.interrupted, run.no_space is not None),
     }
     return {
         "khala_version": __version__,
@@ -138,10 +140,13 @@ def build(plan: Plan, outcomes: list[Any], run: RunInfo) -> dict[str, Any]:
     }
 
 
-def exit_code(counts: dict[str, int], interrupted: bool) -> int:
-    """130 interrupted; 1 some renders failed (or never ran); 0 all done."""
+def exit_code(counts: dict[str, int], interrupted: bool, no_space: bool = False) -> int:
+    """130 interrupted; 74 the output disk was full or read-only; 1 some renders failed (or
+    never ran); 0 all done."""
     if interrupted:
         return 130
+    if no_space:
+        return 74
     if counts.get("failed", 0) or counts.get("cancelled", 0):
         return 1
     return 0

@@ -22,3 +22,30 @@ def demo_model_dir() -> Path:
     if not (path / "model.json").exists():
         build_demo(path)
     return path
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Mount small tmpfs file systems (root only; the test skips elsewhere):
+    `small_fs(mib) -> Path`, `small_fs.read_only(path)` remounts one read-only."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(mib: int) -> Path:
+        path = tmp_path / f"fs{len(mounted)}"
+        path.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs",
+                               str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    def read_only(path: Path) -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+
+    mount.read_only = read_only
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -215,16 +215,75 @@ def test_is_done_needs_matching_key_and_audio(tmp_path):
     assert not outputs.is_done(r)
 
 
-def test_rewrite_removes_old_sidecar_first(tmp_path, monkeypatch):
+def test_a_failed_encode_leaves_the_old_take_whole(tmp_path, monkeypatch):
     r = make_render(tmp_path)
     outputs.write_take(r, tone(0.3), SR, info=INFO)
-    assert outputs.is_done(r)
-    # A re-render (same key, e.g. --force) whose MP3 step fails must not leave the old
-    # sidecar claiming the take is done while its WAV is already the new one.
+    before = {s: r.path(s).read_bytes() for s in (".wav", ".mp3", ".json")}
+    # A re-render (same key, e.g. --force) whose MP3 encode fails: everything is encoded
+    # before anything is written, so the old take is still whole and done.
     monkeypatch.setenv("KHALA_FFMPEG", "/bin/false")
     with pytest.raises(outputs.OutputError):
         outputs.write_take(r, tone(0.6), SR, info=INFO)
+    assert {s: r.path(s).read_bytes() for s in before} == before and outputs.is_done(r)
+
+
+def test_a_failed_write_after_the_wav_leaves_no_done_sidecar(tmp_path, monkeypatch):
+    r = make_render(tmp_path)
+    outputs.write_take(r, tone(0.3), SR, info=INFO)
+    real = outputs.write_bytes
+
+    def fail_mp3(path, data):
+        if path.suffix == ".mp3":
+            raise outputs.OutputError(f"cannot write {path}: No space left on device",
+                                      path=path, no_space=True)
+        return real(path, data)
+
+    monkeypatch.setattr(outputs, "write_bytes", fail_mp3)
+    with pytest.raises(outputs.OutputError) as exc:
+        outputs.write_take(r, tone(0.6), SR, info=INFO)
+    assert exc.value.no_space and exc.value.path == r.path(".mp3")
+    # the new WAV is in place: the old sidecar must not claim the take is done
     assert not r.path(".json").exists() and not outputs.is_done(r)
+
+
+def test_sidecar_records_sizes_and_hashes_and_is_done_compares_sizes(tmp_path):
+    import hashlib
+
+    r = make_render(tmp_path, save_codes=True)
+    outputs.write_take(r, tone(0.5), SR, codes=np.ones((64, 10), dtype=np.int64), info=INFO)
+    rec = json.loads(r.path(".json").read_text())["file_records"]
+    for kind, suffix in (("wav", ".wav"), ("mp3", ".mp3"), ("codes", ".codes.npy")):
+        data = r.path(suffix).read_bytes()
+        assert rec[kind] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert outputs.is_done(r)
+    mp3 = r.path(".mp3")
+    mp3.write_bytes(mp3.read_bytes()[:-100])  # a truncated copy
+    assert not outputs.is_done(r)
+
+
+def test_sidecar_from_before_the_records_still_counts_as_done(tmp_path):
+    r = make_render(tmp_path)
+    outputs.write_take(r, tone(0.3), SR, info=INFO)
+    side = json.loads(r.path(".json").read_text())
+    del side["file_records"]
+    r.path(".json").write_text(json.dumps(side))
+    assert outputs.is_done(r)
+    r.path(".wav").unlink()
+    assert not outputs.is_done(r)
+
+
+def test_a_full_disk_and_a_read_only_one_carry_the_os_words(small_fs):
+    fs = small_fs(1)  # 1 MiB
+    with pytest.raises(outputs.OutputError) as exc:
+        outputs.write_bytes(fs / "big.wav", b"x" * 3_000_000)
+    err = exc.value
+    assert err.no_space and err.path == fs / "big.wav"
+    assert "No space left on device" in str(err) and "System error" not in str(err)
+    assert list(fs.iterdir()) == []  # nothing half-written
+    small_fs.read_only(fs)
+    with pytest.raises(outputs.OutputError) as exc:
+        outputs.write_bytes(fs / "x.wav", b"data")
+    assert exc.value.no_space and "Read-only file system" in str(exc.value)
 
 
 def test_files_get_normal_permissions(tmp_path):
@@ -250,3 +309,57 @@ def test_check_ffmpeg(tmp_path, monkeypatch):
     assert outputs.check_ffmpeg() is None  # the real binary has libmp3lame
     monkeypatch.setenv("KHALA_FFMPEG", "/bin/false")
     assert "-encoders failed" in outputs.check_ffmpeg()
+
+
+# ---- khala verify ------------------------------------------------------------------------
+
+
+def test_verify_names_each_damaged_file_and_fix_rerenders_only_those(tmp_path):
+    from click.testing import CliRunner
+
+    from khala_cli.cli import _register, cli
+
+    _register()
+    takes = [make_render(tmp_path, seed=s) for s in (1, 2, 3, 4)]
+    for r in takes:
+        outputs.write_take(r, tone(0.5), SR, info=INFO)
+    ok = CliRunner().invoke(cli, ["verify", str(tmp_path / "out")])
+    assert ok.exit_code == 0 and "verified 4 takes: all whole" in ok.output
+    mp3 = takes[0].path(".mp3")
+    mp3.write_bytes(mp3.read_bytes()[: len(mp3.read_bytes()) // 2])  # truncated
+    takes[1].path(".wav").unlink()  # deleted
+    wav = takes[2].path(".wav")  # bit rot: same size, other bytes
+    data = bytearray(wav.read_bytes())
+    data[-10] ^= 0xFF
+    wav.write_bytes(bytes(data))
+    res = CliRunner().invoke(cli, ["verify", str(tmp_path / "out")])
+    assert res.exit_code == 1
+    assert f"damaged: {mp3}: " in res.output and "the sidecar records" in res.output
+    assert f"damaged: {takes[1].path('.wav')}: missing" in res.output
+    assert f"damaged: {wav}: its sha256 differs" in res.output
+    assert "3 damaged" in res.output
+    # the truncated and the missing files are not done; bit rot needs the hash (verify)
+    assert [outputs.is_done(r) for r in takes] == [False, False, True, True]
+    fixed = CliRunner().invoke(cli, ["verify", str(tmp_path / "out"), "--fix"])
+    assert fixed.exit_code == 1
+    assert [outputs.is_done(r) for r in takes] == [False, False, False, True]
+    assert (tmp_path / "out" / ".khala" / "damaged" / "night-wind" / "night-wind-s3.json").exists()
+    again = CliRunner().invoke(cli, ["verify", str(tmp_path / "out")])
+    assert again.exit_code == 0 and "verified 1 takes" in again.output
+
+
+def test_verify_decodes_old_sidecars_without_records(tmp_path):
+    from click.testing import CliRunner
+
+    from khala_cli.cli import _register, cli
+
+    _register()
+    r = make_render(tmp_path)
+    outputs.write_take(r, tone(0.5), SR, info=INFO)
+    side = json.loads(r.path(".json").read_text())
+    del side["file_records"]
+    r.path(".json").write_text(json.dumps(side))
+    assert CliRunner().invoke(cli, ["verify", str(tmp_path / "out")]).exit_code == 0
+    r.path(".mp3").write_bytes(b"\xff\xfbgarbage" * 10)  # a garbage MP3
+    res = CliRunner().invoke(cli, ["verify", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "does not decode" in res.output

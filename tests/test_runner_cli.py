@@ -1,6 +1,6 @@
 """The runner through `khala render`: exit codes 1, 3, 75 and 130, the report's device and
 attempts, no orphan processes. Real subprocesses, CPU workers, the demo model; faults come
-from the worker's test-only hook (KHALA_TEST_FAULT)."""
+from the workers' test-only failpoints (`--test-faults`, runner/faults.py)."""
 
 from __future__ import annotations
 
@@ -33,11 +33,11 @@ def write_manifest(tmp_path: Path, model_dir: Path, jobs: list[str]) -> Path:
     return path
 
 
-def khala(tmp_path: Path, *args: str, faults: str = "") -> subprocess.Popen:
-    env = {**os.environ, "KHALA_TEST_FAULT_DIR": str(tmp_path / "faults")}
-    env.pop("KHALA_TEST_FAULT", None)
+def khala(tmp_path: Path, *args: str, faults: str = "", env: dict | None = None
+          ) -> subprocess.Popen:
     if faults:
-        env["KHALA_TEST_FAULT"] = faults
+        args = (*args, "--test-faults", faults, "--test-fault-dir", str(tmp_path / "faults"))
+    env = {**os.environ, **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "khala_cli", "render", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=tmp_path, env=env)
@@ -197,3 +197,87 @@ def test_grace_option_bounds_how_long_a_running_render_may_finish(tmp_path, demo
     assert {e["job_id"]: e["status"] for e in rep["renders"]} == {"a": "cancelled",
                                                                 "b": "cancelled"}
     assert_gone(workers)
+
+
+# -- faults that waste nothing ----------------------------------------------------------
+
+
+def test_a_failpoint_in_the_environment_never_fires(tmp_path, demo_model_dir):
+    path = write_manifest(tmp_path, demo_model_dir, ["a"])
+    run = khala(tmp_path, str(path), "--devices", "cpu",
+                env={"KHALA_TEST_FAULT": "crash:a", "KHALA_TEST_FAULT_DIR": str(tmp_path)})
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert "ignoring KHALA_TEST_FAULT, KHALA_TEST_FAULT_DIR from the environment" in err
+    assert report(tmp_path)["renders"][0]["attempts"] == 1
+    logs = "".join(p.read_text() for p in (tmp_path / "out/.khala/logs").glob("*.log"))
+    assert "TEST FAULT" not in logs
+
+
+def test_asked_for_failpoints_are_loud(tmp_path, demo_model_dir):
+    path = write_manifest(tmp_path, demo_model_dir, ["a"])
+    run = khala(tmp_path, str(path), "--devices", "cpu", "--retries", "0", faults="fail:a")
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 1
+    assert "TEST FAULTS ARE ACTIVE (fail:a)" in err
+
+
+def test_a_full_disk_stops_the_run_without_rendering_twice(tmp_path, demo_model_dir, small_fs):
+    fs = small_fs(1)  # about one 3-second take of WAV + MP3
+    path = write_manifest(tmp_path, demo_model_dir, ["a", "b", "c", "d"])
+    text = path.read_text().replace("output_dir: out", f"output_dir: {fs / 'out'}")
+    path.write_text(text)
+    run = khala(tmp_path, str(path), "--devices", "cpu")
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 74, err
+    assert "No space left on device" in err and "System error" not in err
+    assert "MB free" in err and "one take needs about" in err and str(fs / "out") in err
+    rep = json.loads((fs / "out" / "reports" / "latest.json").read_text())
+    status = {e["job_id"]: e for e in rep["renders"]}
+    failed = [e for e in status.values() if e["status"] == "failed"]
+    assert failed and all("No space left on device" in e["error"] for e in failed)
+    assert all(e["attempts"] <= 1 for e in status.values())  # nothing rendered twice
+    assert status["d"]["status"] == "cancelled"  # no work handed out after the disk filled
+    assert rep["summary"]["exit_code"] == 74 and rep["summary"]["no_space"]
+    assert outputs.temp_files(fs / "out") == []
+
+
+def test_a_failed_write_keeps_the_take_and_the_rerun_writes_it_without_rendering(
+        tmp_path, demo_model_dir):
+    path = write_manifest(tmp_path, demo_model_dir, ["a", "b", "c"])
+    first = khala(tmp_path, str(path), "--devices", "cpu", faults="enospc:b")
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 74, err
+    rep = report(tmp_path)
+    st = {e["job_id"]: e for e in rep["renders"]}
+    assert st["a"]["status"] == "rendered"
+    assert st["b"]["status"] == "failed" and st["b"]["attempts"] == 1
+    assert "is kept" in st["b"]["error"]
+    assert st["c"]["status"] == "cancelled"
+    kept = list((tmp_path / "out" / ".khala" / "work").glob("b-s1.*.take.npz"))
+    assert len(kept) == 1
+
+    second = khala(tmp_path, str(path), "--devices", "cpu")
+    _, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err
+    st = {e["job_id"]: e for e in report(tmp_path)["renders"]}
+    assert st["b"]["status"] == "rendered" and st["c"]["status"] == "rendered"
+    logs = "".join(p.read_text() for p in sorted((tmp_path / "out/.khala/logs").glob("*.log")))
+    assert "b-s1: writing the take kept from an earlier failed write (no rendering)" in logs
+    assert "b-s1: resuming" not in logs.split("writing the take kept")[-1]
+    assert not kept[0].exists()
+    side = json.loads((tmp_path / "out" / "b" / "b-s1.json").read_text())
+    assert side["analysis"]["ended"] == "token_cap" and side["analysis"]["logprob_mean"] < 0
+
+
+def test_a_read_only_output_directory_exits_before_rendering(tmp_path, demo_model_dir,
+                                                             small_fs):
+    fs = small_fs(4)
+    small_fs.read_only(fs)
+    path = write_manifest(tmp_path, demo_model_dir, ["a"])
+    path.write_text(path.read_text().replace("output_dir: out", f"output_dir: {fs}"))
+    run = khala(tmp_path, str(path), "--devices", "cpu")
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 74, err
+    assert "Read-only file system" in err and str(fs) in err
+    assert list(fs.iterdir()) == []

@@ -1,7 +1,7 @@
 """The worker pool with real worker subprocesses on CPU and the demo model.
 
-Faults are injected through the worker's test-only hook (KHALA_TEST_FAULT, see
-khala_cli/runner/worker.py); kills and signals are real. Timeouts here are safety limits only.
+Faults are injected through the workers' test-only failpoints (RunOptions.test_faults, see
+khala_cli/runner/faults.py); kills and signals are real. Timeouts here are safety limits only.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from khala_cli.plan import build_renders
 from khala_cli.runner import Outcome, RunOptions, run_renders
 from khala_cli.runner.worker import work_path
 from khala_cli.weights.resolve import read_info
+
+# Every test here runs real worker subprocesses.
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,16 +93,21 @@ def no_leftovers(out: Path) -> None:
     assert not work.exists() or list(work.iterdir()) == []
 
 
-@pytest.fixture
-def faults(monkeypatch, tmp_path):
-    """Set the workers' test-only fault hook; markers go under tmp_path."""
-    monkeypatch.setenv("KHALA_TEST_FAULT_DIR", str(tmp_path / "faults"))
+class _Faults:
+    """The workers' test-only failpoints, asked for explicitly through RunOptions."""
 
-    def set_faults(spec: str) -> Path:
-        monkeypatch.setenv("KHALA_TEST_FAULT", spec)
-        return tmp_path / "faults"
-    monkeypatch.delenv("KHALA_TEST_FAULT", raising=False)
-    return set_faults
+    def __init__(self, fault_dir: Path):
+        self.dir = fault_dir
+        self.opts: dict[str, str] = {}
+
+    def __call__(self, spec: str) -> Path:
+        self.opts = {"test_faults": spec, "test_fault_dir": str(self.dir)}
+        return self.dir
+
+
+@pytest.fixture
+def faults(tmp_path) -> _Faults:
+    return _Faults(tmp_path / "faults")
 
 
 # -- the happy path ------------------------------------------------------------------------
@@ -132,13 +140,16 @@ def test_two_cpu_workers_render_six_renders_each_exactly_once(tmp_path, demo_mod
         assert outputs.is_done(r)
         side = json.loads(r.path(".json").read_text())
         assert side["render_key"] == r.key and side["seed"] == r.seed
-    # both workers did work, and busy time was counted per device
-    assert {o.device for o in result.outcomes} == {"cpu:0", "cpu:1"}
+    # both workers started and were ready for work (on a loaded machine one may finish
+    # everything before the other is ready: which one renders what is not fixed); busy
+    # time is counted per device, and every device that rendered was busy
+    assert {e["worker"] for e in ev.of("worker", state="ready")} == {0, 1}
+    assert {o.device for o in result.outcomes} <= {"cpu:0", "cpu:1"}
     assert set(result.device_busy_s) == {"cpu:0", "cpu:1"}
-    assert all(v > 0 for v in result.device_busy_s.values())
+    assert all(result.device_busy_s[o.device] > 0 for o in result.outcomes)
     # progress came from the workers, then they stopped cleanly and are gone
     assert {e["phase"] for e in ev.of("progress")} >= {"backbone", "superres", "decoding"}
-    assert len(ev.of("worker", state="stopped")) == 2
+    assert len(ev.of("worker", state="stopped")) == 2  # both, cleanly
     assert not ev.of("worker", state="died")
     assert_gone(ev.worker_pids())
     no_leftovers(out)
@@ -202,7 +213,7 @@ def test_worker_killed_mid_render_is_replaced_and_the_render_retried(
             killed.append(pid)
 
     ev = Events(kill_on_b)
-    result = run_renders(renders, RunOptions(str(model), str(out), devices="cpu:2"), ev)
+    result = run_renders(renders, RunOptions(str(model), str(out), **faults.opts, devices="cpu:2"), ev)
     o = by_stem(result)
     assert killed
     assert all(x.status == "rendered" for x in result.outcomes)
@@ -219,7 +230,7 @@ def test_hanging_worker_is_replaced_after_the_stall_timeout(tmp_path, demo_model
     path = write_manifest(tmp_path, demo_model_dir, {"a": [1], "b": [1]})
     renders, out, model = load_renders(path)
     ev = Events()
-    result = run_renders(renders, RunOptions(str(model), str(out), devices="cpu",
+    result = run_renders(renders, RunOptions(str(model), str(out), **faults.opts, devices="cpu",
                                              stall_timeout=8.0), ev)
     o = by_stem(result)
     assert o["a-s1"].status == "rendered" and o["a-s1"].attempts >= 2
@@ -237,7 +248,7 @@ def test_render_that_always_crashes_its_worker_fails_and_the_rest_render(
     path = write_manifest(tmp_path, demo_model_dir, {"ok1": [1], "bad": [1], "ok2": [1]})
     renders, out, model = load_renders(path)
     ev = Events()
-    result = run_renders(renders, RunOptions(str(model), str(out), devices="cpu:2",
+    result = run_renders(renders, RunOptions(str(model), str(out), **faults.opts, devices="cpu:2",
                                              retries=1), ev)
     o = by_stem(result)
     assert o["bad-s1"].status == "failed"
@@ -259,7 +270,7 @@ def test_an_ordinary_error_fails_the_render_and_keeps_the_worker(
     path = write_manifest(tmp_path, demo_model_dir, {"bad": [1], "ok": [1]})
     renders, out, model = load_renders(path)
     ev = Events()
-    result = run_renders(renders, RunOptions(str(model), str(out), devices="cpu",
+    result = run_renders(renders, RunOptions(str(model), str(out), **faults.opts, devices="cpu",
                                              retries=1), ev)
     o = by_stem(result)
     assert o["bad-s1"].status == "failed" and o["bad-s1"].attempts == 2
@@ -277,7 +288,7 @@ def test_out_of_memory_halves_the_batch_then_goes_one_shot_then_fails(
     path = write_manifest(tmp_path, demo_model_dir, {"x": [1, 2], "z": [1]})
     renders, out, model = load_renders(path)
     ev = Events()
-    result = run_renders(renders, RunOptions(str(model), str(out), devices="cpu",
+    result = run_renders(renders, RunOptions(str(model), str(out), **faults.opts, devices="cpu",
                                              batch_size=2, retries=1), ev)
     o = by_stem(result)
     assert o["x-s1"].status == "rendered" and o["x-s2"].status == "rendered"
@@ -387,9 +398,8 @@ def test_parent_killed_then_rerun_resumes_without_redoing_anything(tmp_path, dem
     q_path = work_path(out, rb.key)
 
     # Run 1 renders a, then stops for good after b's backbone (test fault): killed there.
-    run1 = Script(tmp_path, path, {"devices": "cpu"},
-                  {"KHALA_TEST_FAULT": "hang_after_backbone:b",
-                   "KHALA_TEST_FAULT_DIR": str(tmp_path / "faults")})
+    run1 = Script(tmp_path, path, {"devices": "cpu", "test_faults": "hang_after_backbone:b",
+                                   "test_fault_dir": str(tmp_path / "faults")}, {})
     run1.read_until(lambda e: e["type"] == "result" and e["stem"] == "a-s1")
     wait_for(q_path.exists, "b's saved backbone tokens")
     workers = psutil.Process(run1.proc.pid).children(recursive=True)
@@ -427,14 +437,16 @@ def test_parent_killed_then_rerun_resumes_without_redoing_anything(tmp_path, dem
     no_leftovers(out)
 
 
-def test_sigterm_lets_running_renders_finish_and_starts_no_more(tmp_path, demo_model_dir):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_lets_running_renders_finish_and_starts_no_more(
+        tmp_path, demo_model_dir, sig):
     path = write_manifest(tmp_path, demo_model_dir, {"a": [1], "b": [1], "c": [1]})
     renders, out, _ = load_renders(path)
     fault_dir = tmp_path / "faults"
-    run = Script(tmp_path, path, {"devices": "cpu"},
-                 {"KHALA_TEST_FAULT": "pause:b", "KHALA_TEST_FAULT_DIR": str(fault_dir)})
+    run = Script(tmp_path, path, {"devices": "cpu", "test_faults": "pause:b",
+                                   "test_fault_dir": str(fault_dir)}, {})
     wait_for((fault_dir / "paused-b").exists, "the worker to reach b")
-    run.proc.send_signal(signal.SIGTERM)
+    run.proc.send_signal(sig)
     run.read_until(lambda e: e["type"] == "interrupt")
     (fault_dir / "resume-b").touch()  # b goes on only once the parent has begun stopping
     assert run.finish() == 0
@@ -450,8 +462,8 @@ def test_sigterm_lets_running_renders_finish_and_starts_no_more(tmp_path, demo_m
 def test_grace_period_over_kills_the_worker_and_cancels(tmp_path, demo_model_dir):
     path = write_manifest(tmp_path, demo_model_dir, {"a": [1], "b": [1]})
     renders, out, _ = load_renders(path)
-    run = Script(tmp_path, path, {"devices": "cpu", "grace": 1.0},
-                 {"KHALA_TEST_FAULT": "hang:a", "KHALA_TEST_FAULT_DIR": str(tmp_path / "f")})
+    run = Script(tmp_path, path, {"devices": "cpu", "grace": 1.0, "test_faults": "hang:a",
+                                   "test_fault_dir": str(tmp_path / "f")}, {})
     run.read_until(lambda e: e["type"] == "progress" and e["job_id"] == "a")
     pids = run.worker_pids()
     run.proc.send_signal(signal.SIGTERM)
@@ -467,8 +479,8 @@ def test_grace_period_over_kills_the_worker_and_cancels(tmp_path, demo_model_dir
 def test_second_signal_kills_workers_at_once(tmp_path, demo_model_dir):
     path = write_manifest(tmp_path, demo_model_dir, {"a": [1]})
     renders, out, _ = load_renders(path)
-    run = Script(tmp_path, path, {"devices": "cpu", "grace": 3600.0},
-                 {"KHALA_TEST_FAULT": "hang:a", "KHALA_TEST_FAULT_DIR": str(tmp_path / "f")})
+    run = Script(tmp_path, path, {"devices": "cpu", "grace": 3600.0, "test_faults": "hang:a",
+                                   "test_fault_dir": str(tmp_path / "f")}, {})
     run.read_until(lambda e: e["type"] == "progress" and e["job_id"] == "a")
     pids = run.worker_pids()
     run.proc.send_signal(signal.SIGINT)

@@ -12,6 +12,7 @@ Exit codes:
   1    some renders failed
   2    usage or manifest error (nothing rendered, nothing written)
   3    model or environment error found before rendering
+  74   the output disk is full, over quota or read-only (rendered takes are kept)
   75   another run holds the output directory's lock
   130  interrupted (Ctrl-C / SIGTERM); the report is still written
 """
@@ -25,7 +26,7 @@ def cli() -> None:
 
 def _register() -> None:
     # Each command lives in its own module; importing registers it on `cli`.
-    from khala_cli.cli import bench, models, render, review  # noqa: F401
+    from khala_cli.cli import bench, catalogue, models, render, review  # noqa: F401
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ and the runner's torch-free parts (devices, lock, pool); the engine runs in work
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from khala_cli.cli import cli
 from khala_cli.cli.review import review_page
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 75, 130
+EXIT_NO_SPACE = 74  # the output disk is full, over quota or read-only (EX_IOERR)
 DEMO_LINE = ("model: demo (tiny and untrained: it renders noise, not music; it is here to try "
              "the pipeline. See the README for the real weights.)")
 
@@ -292,11 +294,15 @@ def tags(as_json: bool) -> None:
               "summary only.")
 @click.option("--convert", is_flag=True, help="If `model:` is a raw Khala download, convert it "
               "first (once, into <download>-khala).")
+@click.option("--test-faults", default="", hidden=True,
+              help="TEST ONLY: worker failpoints (khala_cli/runner/faults.py).")
+@click.option("--test-fault-dir", default="", hidden=True)
 def render(manifest: Path, model: str | None, output_dir: Path | None, force: bool,
            only: tuple[str, ...], shard: str | None, devices: str, batch_size: int | None,
            residency: str | None, retries: int, stall_timeout: float, grace: float,
            save_codes: bool,
-           max_renders: int, quiet: bool, convert: bool) -> None:
+           max_renders: int, quiet: bool, convert: bool, test_faults: str,
+           test_fault_dir: str) -> None:
     """Render every job x seed of MANIFEST that is not done yet.
 
     Resumes where the last run stopped: a take whose sidecar carries the same render key is
@@ -319,9 +325,11 @@ def render(manifest: Path, model: str | None, output_dir: Path | None, force: bo
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        from khala_cli.outputs import NO_SPACE_ERRNOS
+
         _echo_err(f"error: cannot create the output directory {out_dir}: "
                   f"{exc.strerror or exc}")
-        sys.exit(EXIT_MODEL)
+        sys.exit(EXIT_NO_SPACE if exc.errno in NO_SPACE_ERRNOS else EXIT_MODEL)
     from khala_cli.runner.lock import LockHeld, RunLock
 
     lock_dir = out_dir if shard_t is None else out_dir / ".khala" / \
@@ -332,10 +340,17 @@ def render(manifest: Path, model: str | None, output_dir: Path | None, force: bo
                 m, manifest, model_dir, info, started=started, force=force, only=only_t,
                 shard=shard_t, devices=devices, n_devices=len(devs), batch_size=batch_size,
                 residency=residency, retries=retries, stall_timeout=stall_timeout,
-                grace=grace, save_codes=save_codes, quiet=quiet)
+                grace=grace, save_codes=save_codes, quiet=quiet,
+                faults=(test_faults, test_fault_dir))
     except LockHeld as exc:
         _echo_err(f"error: {exc}")
         sys.exit(EXIT_LOCKED)
+    except OSError as exc:  # the lock or the output folder itself cannot be written
+        from khala_cli.outputs import NO_SPACE_ERRNOS
+
+        _echo_err(f"error: cannot write in {out_dir}: {exc.strerror or exc} "
+                  f"({exc.filename or out_dir})")
+        sys.exit(EXIT_NO_SPACE if exc.errno in NO_SPACE_ERRNOS else EXIT_MODEL)
     sys.exit(code)
 
 
@@ -361,7 +376,8 @@ def _devices(spec: str) -> list:
 def _render_locked(m, manifest: Path, model_dir: Path, info, *, started: datetime, force: bool,
                    only: tuple[str, ...], shard, devices: str, n_devices: int,
                    batch_size: int | None, residency: str | None, retries: int,
-                   stall_timeout: float, grace: float, save_codes: bool, quiet: bool) -> int:
+                   stall_timeout: float, grace: float, save_codes: bool, quiet: bool,
+                   faults: tuple[str, str] = ("", "")) -> int:
     from khala_cli import report as rp
 
     p = _plan(m, info, force=force, only=only, shard=shard, save_codes=save_codes)
@@ -374,16 +390,26 @@ def _render_locked(m, manifest: Path, model_dir: Path, info, *, started: datetim
              f"({counts['rerender']} re-render), {counts['skip']} already done; "
              f"~{p.minutes():.1f} audio minutes; output {m.output_dir}"
              + (f"; shard {shard[0]}/{shard[1]}" if shard else ""))
+    _warn_disk(m.output_dir, p)
+    if faults[0]:
+        _echo_err(f"WARNING: TEST FAULTS ARE ACTIVE ({faults[0]}): workers will crash, hang or "
+                  "fail on purpose. This option is for khala's own tests only.")
+    ignored = sorted(k for k in os.environ if k.startswith("KHALA_TEST_FAULT"))
+    if ignored:
+        _echo_err(f"warning: ignoring {', '.join(ignored)} from the environment: test "
+                  "failpoints are never taken from it")
 
     outcomes: list[Any] = []
     interrupted = False
+    no_space = None
     busy: dict[str, float] = {}
     if to_run:
         from khala_cli.runner import RunOptions, run_renders
 
         opts = RunOptions(model_dir=str(model_dir), output_dir=str(m.output_dir),
                           devices=devices, batch_size=batch_size, residency=residency,
-                          retries=retries, stall_timeout=stall_timeout, grace=grace)
+                          retries=retries, stall_timeout=stall_timeout, grace=grace,
+                          test_faults=faults[0], test_fault_dir=faults[1])
         display = _TtyProgress(err, len(to_run), n_devices) if tty else None
         seen: list[Any] = []
 
@@ -407,6 +433,7 @@ def _render_locked(m, manifest: Path, model_dir: Path, info, *, started: datetim
                     display.stop()
             outcomes = list(result.outcomes)
             interrupted = bool(result.interrupted)
+            no_space = result.no_space
             busy = dict(result.device_busy_s or {})
         except DeviceError as exc:
             _echo_err(f"error: {exc}")
@@ -423,13 +450,19 @@ def _render_locked(m, manifest: Path, model_dir: Path, info, *, started: datetim
         manifest=str(m.path), output_dir=str(m.output_dir),
         model=_model_dict(model_dir, info, m.model), started_at=started,
         finished_at=finished, interrupted=interrupted, device_busy_s=busy, shard=shard,
+        no_space=no_space,
         options={"devices": devices, "batch_size": batch_size, "residency": residency,
                  "retries": retries, "stall_timeout": stall_timeout, "grace": grace,
                  "force": force,
                  "only": list(only), "save_codes": save_codes},
         excluded=p.excluded)
     rep = rp.build(p, outcomes, run)
-    paths = rp.write(rep, m.output_dir, started, shard)
+    try:
+        paths = rp.write(rep, m.output_dir, started, shard)
+    except OSError as exc:  # a full or read-only disk: the summary still reaches the terminal
+        _echo_err(f"error: cannot write the run report under {m.output_dir / 'reports'}: "
+                  f"{exc.strerror or exc}")
+        paths = {k: Path("(not written)") for k in ("json", "csv", "latest_json")}
     page = review_page(m.output_dir)
     s = rep["summary"]
     for e in rp.failures(rep):
@@ -446,7 +479,45 @@ def _render_locked(m, manifest: Path, model_dir: Path, info, *, started: datetim
                   f"{paths['latest_json'].name})")
         if page:
             out.print(f"review page: {page}")
+    if no_space:
+        _echo_err(f"error: {_no_space_text(no_space, m.output_dir, p)}")
     return s["exit_code"]
+
+
+def _disk_need(p) -> tuple[int, int]:
+    """(bytes the takes still to render need, bytes one take needs at most)."""
+    from khala_cli.outputs import bytes_per_take
+    from khala_cli.plan import est_minutes
+
+    sizes = [bytes_per_take(est_minutes(r), r.save_codes) for r in p.to_run]
+    return sum(sizes), max(sizes, default=0)
+
+
+def _free(path: Path) -> int:
+    import shutil
+
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return -1
+
+
+def _warn_disk(output_dir: Path, p) -> None:
+    need, _ = _disk_need(p)
+    free = _free(output_dir)
+    if 0 <= free < need:
+        _echo_err(f"warning: {output_dir} has {free / 1e6:,.0f} MB free, but the "
+                  f"{len(p.to_run)} takes to render need about {need / 1e6:,.0f} MB "
+                  "(WAV + MP3 per audio minute); the run stops when the disk is full")
+
+
+def _no_space_text(no_space: dict, output_dir: Path, p) -> str:
+    _, one = _disk_need(p)
+    return (f"the output disk refused a write: {no_space['error']}. {output_dir} has "
+            f"{max(0, _free(output_dir)) / 1e6:,.1f} MB free; one take needs about "
+            f"{one / 1e6:,.1f} MB. No more work was handed out. Free some space (or make the "
+            "folder writable) and run the same command again: takes already rendered are "
+            "written without rendering them again.")
 
 
 # -- progress display -------------------------------------------------------------------------
@@ -489,6 +560,9 @@ class _PlainLog:
         if kind == "interrupt":
             self.line(f"interrupted: no new renders; running ones may finish for "
                       f"{ev.get('grace', 0):g} s (interrupt again to stop at once)")
+        elif kind == "no_space":
+            click.echo(f"{_now()} error: {ev.get('error')}: no more renders are handed out; "
+                       "running ones are kept under .khala/work", err=True)
         elif kind == "worker":
             extra = f" (pid {ev['pid']})" if ev.get("pid") else ""
             reason = f": {ev['error']}" if ev.get("error") else ""
@@ -566,6 +640,9 @@ class _TtyProgress:
             self.console.print(f"[yellow]interrupted[/yellow]: no new renders; running ones may "
                                f"finish for {ev.get('grace', 0):g} s (interrupt again to stop "
                                "at once)")
+        elif kind == "no_space":
+            self.console.print(f"[red]error[/red]: {ev.get('error')}: no more renders are "
+                               "handed out; running ones are kept under .khala/work")
         elif kind == "worker":
             t = self._worker_task(ev.get("worker"), ev.get("device"))
             self.progress.update(t, note=str(ev.get("state")))

@@ -45,6 +45,7 @@ class Request:
     top_k_sr: int = 10
     max_new_tokens: int = 23552
     duration: int = 3  # minutes, for the progress estimate 2584 * (duration + 0.8)
+    resume: dict[int, BackboneRow] = field(default_factory=dict)  # seed -> saved backbone row
 
     def expected_tokens(self) -> int:
         """Backbone tokens the progress bar expects: the reference's estimate, capped."""
@@ -64,6 +65,7 @@ class Take:
     timings: dict[str, float] = field(default_factory=dict)
     ended: str = "end_of_song"  # or "token_cap": max_new_tokens cut the song
     logprob_mean: float | None = None  # the backbone's mean log-probability of its tokens
+    resumed: bool = False  # its backbone row came from Request.resume (backbone_s is 0)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -179,10 +181,15 @@ class Pipeline:
     # ---- stages ---------------------------------------------------------------------------
 
     def backbone(self, req: Request, progress: Progress | None = None) -> list[BackboneRow]:
-        """Per seed: its BackboneRow, codes int64 [2, frames] q0/q1 (0..codebook_size-1)."""
+        """Per seed: its BackboneRow, codes int64 [2, frames] q0/q1 (0..codebook_size-1).
+        Seeds in req.resume take their saved row; the model decodes (and loads) only for
+        the others."""
+        todo = [s for s in req.seeds if s not in req.resume]
+        fresh = iter(self._decode_rows(req, todo, progress) if todo else [])
+        return [req.resume[s] if s in req.resume else next(fresh) for s in req.seeds]
 
-        if not req.seeds:
-            return []
+    def _decode_rows(self, req: Request, seeds: list[int],
+                     progress: Progress | None) -> list[BackboneRow]:
         model = self._get("backbone", progress)
         total = req.expected_tokens()
         cb = None
@@ -192,7 +199,7 @@ class Pipeline:
                          {"tokens_per_s": float(tokens_per_s)})
             progress("backbone", 0, total, {"tokens_per_s": 0.0})
         out = generate_rows(
-            model, self.layout, list(req.backbone_ids), list(req.seeds),
+            model, self.layout, list(req.backbone_ids), list(seeds),
             top_k=req.top_k_bb, temperature=req.temperature,
             max_new_tokens=req.max_new_tokens, progress=cb, **self.backbone_options,
         )
@@ -231,18 +238,25 @@ class Pipeline:
                 progress("decoding", int(done), int(total), {})
         return codec.decode_windowed(list(codes), progress=cb)
 
-    def render(self, requests: Sequence[Request], progress: Progress | None = None) -> list[list[Take]]:
+    def render(self, requests: Sequence[Request], progress: Progress | None = None, *,
+               on_backbone: Callable[[int, list[BackboneRow]], None] | None = None,
+               on_error: Callable[[int, BaseException], None] | None = None,
+               ) -> list[list[Take]]:
         """All three stages for every request, stage by stage; per request, one Take per seed.
-        Progress extras carry "request" (its index) during the backbone and super-res."""
+
+        Progress extras carry "request" (its index) during the backbone and super-res.
+        on_backbone(i, rows): called once request i's backbone rows exist (to save them).
+        on_error(i, exc): without it, any error ends the call; with it, a request whose
+        stage raised is reported there (which may re-raise) and gets no takes, and the
+        other requests go on."""
         self._load_s = 0.0
+        load_s = 0.0
+        failed: set[int] = set()
 
         def tagged(i: int) -> Progress | None:
             if progress is None:
                 return None
             return lambda phase, done, total, extra: progress(phase, done, total, {**extra, "request": i})
-
-        times: list[dict[str, float]] = [{} for _ in requests]
-        load_s = 0.0
 
         def stage_time(t0: float) -> float:
             nonlocal load_s
@@ -250,30 +264,58 @@ class Pipeline:
             load_s += loading
             return time.perf_counter() - t0 - loading
 
-        q01s, codes = [], []
-        for i, req in enumerate(requests):
-            t = time.perf_counter()
-            q01s.append(self.backbone(req, tagged(i)))
-            times[i]["backbone_s"] = stage_time(t)
-        for i, req in enumerate(requests):
-            t = time.perf_counter()
-            codes.append(self.superres(req, [r.codes for r in q01s[i]], tagged(i)))
-            times[i]["superres_s"] = stage_time(t)
-        flat = [c for per_req in codes for c in per_req]
-        t = time.perf_counter()
-        audio = self.decode(flat, progress)
-        decode_s = stage_time(t)
+        def each(stage: Callable[[int, Request], object], key: str) -> list:
+            out: list = [None] * len(requests)
+            for i, req in enumerate(requests):
+                if i in failed:
+                    continue
+                t = time.perf_counter()
+                try:
+                    out[i] = stage(i, req)
+                except Exception as exc:
+                    if on_error is None:
+                        raise
+                    failed.add(i)
+                    on_error(i, exc)
+                times[i][key] = stage_time(t)
+            return out
 
-        out, k = [], 0
-        for i, req in enumerate(requests):
-            takes = []
-            for seed, row, c in zip(req.seeds, q01s[i], codes[i], strict=True):
-                tm = {**times[i], "decode_s": decode_s}
-                tm["total_s"] = tm["backbone_s"] + tm["superres_s"] + decode_s
-                tm["load_s"] = load_s
-                takes.append(Take(seed=int(seed), codes=c, audio=audio[k],
-                                  backbone_tokens=2 * int(row.codes.shape[1]), timings=tm,
-                                  ended=row.ended, logprob_mean=row.logprob_mean))
-                k += 1
-            out.append(takes)
-        return out
+        times: list[dict[str, float]] = [{} for _ in requests]
+
+        def backbone_stage(i: int, req: Request) -> list[BackboneRow]:
+            rows = self.backbone(req, tagged(i))
+            if on_backbone is not None:
+                on_backbone(i, rows)
+            return rows
+
+        rows = each(backbone_stage, "backbone_s")
+        codes = each(lambda i, req: self.superres(req, [r.codes for r in rows[i]], tagged(i)),
+                     "superres_s")
+        live = [i for i in range(len(requests)) if i not in failed]
+        t = time.perf_counter()
+        try:
+            audio = iter(self.decode([c for i in live for c in codes[i]], progress))
+        except Exception as exc:
+            if on_error is None:
+                raise
+            for i in live:
+                failed.add(i)
+                on_error(i, exc)
+        decode_s = stage_time(t)
+        return [[] if i in failed else
+                [self._take(req, seed, row, c, next(audio), times[i], decode_s, load_s)
+                 for seed, row, c in zip(req.seeds, rows[i], codes[i], strict=True)]
+                for i, req in enumerate(requests)]
+
+    @staticmethod
+    def _take(req: Request, seed: int, row: BackboneRow, codes: np.ndarray, audio: np.ndarray,
+              times: dict[str, float], decode_s: float, load_s: float) -> Take:
+        resumed = seed in req.resume
+        tm = {**times, "decode_s": decode_s}
+        if resumed:
+            tm["backbone_s"] = 0.0
+        tm["total_s"] = tm["backbone_s"] + tm["superres_s"] + decode_s
+        tm["load_s"] = load_s
+        return Take(seed=int(seed), codes=codes, audio=audio,
+                    backbone_tokens=2 * int(row.codes.shape[1]), timings=tm, ended=row.ended,
+                    logprob_mean=row.logprob_mean, resumed=resumed)

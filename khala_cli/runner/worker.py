@@ -2,27 +2,24 @@
 
     python -m khala_cli.runner.worker --model-dir D --output-dir O --device cpu|cuda ...
 
-It loads the pipeline once, then asks the parent for work and runs it: per wave of batches,
-the backbone (or the saved tokens of an interrupted earlier attempt), then super-resolution,
-then decoding, each over the whole wave before the next stage, so that in one_shot residency
-the models swap once per wave. Every take is written with `outputs.write_take`; the backbone
-tokens of each render are kept in `<output_dir>/.khala/work/<key>.q01.npy` until the render is
-done, so a rerun after a crash resumes after the backbone.
+It loads the pipeline once, then asks the parent for work and renders each wave through the
+engine's own entry point, `Pipeline.render` (every stage over the whole wave before the next,
+so that in one_shot residency the models swap once per wave), then writes every take with
+`outputs.write_take`. The sidecar's timings are the engine's; loading is `load_s`, apart.
+
+Nothing rendered is thrown away:
+- the backbone rows of each render are kept in `<output_dir>/.khala/work/<key>.q01.npy`
+  (+ `.q01.json`: how it ended, its log-probability) until the take is written, so a rerun
+  after a crash resumes after the backbone;
+- a take whose write fails is kept whole in `.khala/work/<stem>.<key>.take.npz`; the next
+  attempt (or the next run, once space is freed) writes it without rendering it again. A
+  full disk, a full quota or a read-only file system is reported as `no_space`: the parent
+  then stops handing out work.
 
 stdout carries protocol lines only (see protocol.py); everything else goes to stderr, which
 the parent points at this worker's log file. The worker dies with its parent: the kernel
 kills it when the parent dies (PR_SET_PDEATHSIG), and it exits when its stdin closes.
-
-TEST-ONLY fault hooks (never set these in production): KHALA_TEST_FAULT is a comma-separated
-list of `kind:job_id`, acting when the worker processes a batch holding that job:
-    crash / crash_once        SIGKILL itself at the first progress event (mid-render)
-    hang / hang_once          stop answering at the first progress event
-    hang_after_backbone       stop answering once the backbone tokens are saved
-    oom / oom_batch           raise CUDA out-of-memory (oom_batch: only in a batch of > 1)
-    fail                      raise an ordinary error for that batch (the worker lives on)
-    pause                     create <fault dir>/paused-<job>, wait for <fault dir>/resume-<job>
-`*_once` faults act once per output directory (a marker file under KHALA_TEST_FAULT_DIR,
-default <output_dir>/.khala/test-faults).
+Test-only failpoints come only from `--test-faults` (see faults.py).
 """
 
 from __future__ import annotations
@@ -30,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import queue
 import signal
@@ -41,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from khala_cli.runner import protocol
+from khala_cli.runner.faults import Faults
 
 # ---------------------------------------------------------------------------------------
 # Process plumbing
@@ -95,68 +94,6 @@ def die_with_parent(parent_pid: int | None) -> None:
         os._exit(5)  # the parent died before the line above took effect
 
 
-# ---------------------------------------------------------------------------------------
-# Test-only faults
-
-
-class Faults:
-    def __init__(self, spec: str, marker_dir: Path):
-        self.rules: list[tuple[str, str]] = []
-        for item in (s.strip() for s in spec.split(",")):
-            if ":" in item:
-                kind, job = item.split(":", 1)
-                self.rules.append((kind.strip(), job.strip()))
-        self.marker_dir = marker_dir
-
-    def _once(self, kind: str, job: str) -> bool:
-        """True the first time in this output directory."""
-        self.marker_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.marker_dir / f"{kind}-{job}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.close(fd)
-        return True
-
-    def fire(self, point: str, job_ids: set[str], batch_size: int) -> None:
-        for kind, job in self.rules:
-            if job not in job_ids:
-                continue
-            base = kind.removesuffix("_once")
-            if point == "progress" and base in ("crash", "hang", "oom", "oom_batch", "fail",
-                                                "pause"):
-                pass
-            elif point == "after_backbone" and base == "hang_after_backbone":
-                pass
-            else:
-                continue
-            if base == "oom_batch" and batch_size < 2:
-                continue
-            if kind.endswith("_once") and not self._once(kind, job):
-                continue
-            print(f"worker: TEST FAULT {kind}:{job} at {point}", file=sys.stderr, flush=True)
-            if base == "crash":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if base in ("hang", "hang_after_backbone"):
-                while True:
-                    time.sleep(3600)
-            if base in ("oom", "oom_batch"):
-                import torch
-
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory (test fault)")
-            if base == "fail":
-                raise RuntimeError(f"test fault for job {job}")
-            if base == "pause":
-                self.marker_dir.mkdir(parents=True, exist_ok=True)
-                (self.marker_dir / f"paused-{job}").touch()
-                while not (self.marker_dir / f"resume-{job}").exists():
-                    time.sleep(0.05)
-                self.rules = [(k, j) for k, j in self.rules if (k, j) != (kind, job)]
-
-
-NO_FAULTS = Faults("", Path("."))
-
-
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
@@ -183,20 +120,31 @@ def work_path(output_dir: Path, key: str) -> Path:
     return output_dir / ".khala" / "work" / f"{key}.q01.npy"
 
 
-def save_q01(path: Path, q01) -> None:
+def q01_stats_path(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".npy") + ".json")
+
+
+def save_q01(path: Path, row) -> None:
+    """Keep a BackboneRow: its codes (.q01.npy) and how it ended (.q01.json, written first;
+    the .npy is what counts as saved)."""
     import numpy as np
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    stats = q01_stats_path(path)
+    tmp = stats.with_name(f".tmp-{stats.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"ended": row.ended, "logprob_mean": row.logprob_mean}))
+    os.replace(tmp, stats)
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")  # outputs.temp_files finds it
     with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(q01, dtype=np.int64))
+        np.save(f, np.ascontiguousarray(row.codes, dtype=np.int64))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def load_q01(path: Path, codebook_size: int):
-    """Saved tokens, or None when absent or unusable (an unusable file is removed)."""
+    """(codes, ended, logprob_mean) of saved backbone tokens, or None when absent or
+    unusable (an unusable file is removed). Tokens saved before their stats: unknown."""
     import numpy as np
 
     if not path.exists():
@@ -214,7 +162,57 @@ def load_q01(path: Path, codebook_size: int):
         with contextlib.suppress(OSError):
             path.unlink()
         return None
-    return q.astype(np.int64)
+    try:
+        stats = json.loads(q01_stats_path(path).read_text())
+    except (OSError, ValueError):
+        stats = {}
+    return q.astype(np.int64), stats.get("ended"), stats.get("logprob_mean")
+
+
+# ---------------------------------------------------------------------------------------
+# Takes kept after a failed write
+
+
+def kept_path(output_dir: Path, render) -> Path:
+    return output_dir / ".khala" / "work" / f"{render.stem}.{render.key[:16]}.take.npz"
+
+
+def keep_take(path: Path, take, info: dict) -> bool:
+    """Keep a rendered take whose write failed; False if even that cannot be written."""
+    import io
+
+    import numpy as np
+
+    from khala_cli import outputs
+
+    buf = io.BytesIO()
+    np.savez(buf, audio=np.asarray(take.audio, dtype=np.float32),
+             codes=np.asarray(take.codes, dtype=np.int16),
+             info=np.frombuffer(json.dumps(info).encode(), dtype=np.uint8))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        outputs.write_bytes(path, buf.getvalue())
+        return True
+    except (OSError, outputs.OutputError) as exc:
+        print(f"worker: cannot keep the take in {path}: {exc}", file=sys.stderr, flush=True)
+        return False
+
+
+def load_kept(path: Path):
+    """(audio, codes, info) of a kept take, or None (an unusable file is removed)."""
+    import numpy as np
+
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return (z["audio"], z["codes"].astype(np.int64),
+                    json.loads(z["info"].tobytes().decode()))
+    except Exception as exc:  # noqa: BLE001 - any damage means "render again"
+        print(f"worker: ignoring unusable kept take {path}: {exc}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,15 +226,8 @@ class Batch:
         self.renders = [Render.from_dict(e["render"]) for e in entries]
         self.ids = {r.key: e["id"] for r, e in zip(self.renders, entries, strict=True)}
         self.first = self.renders[0]
-        self.q01: dict[str, Any] = {}
-        self.backbone_stats: dict[str, dict] = {}  # key -> {ended, logprob_mean}
-        self.resumed: set[str] = set()
-        self.codes: list = []
-        self.timings = {"backbone_s": 0.0, "superres_s": 0.0, "decode_s": 0.0}
         self.started = time.monotonic()
-        self.failed = False
-        self.bb_ids: list[int] = []
-        self.sr_ids: list[int] = []
+        self.resumed: set[str] = set()
 
     @property
     def job_ids(self) -> set[str]:
@@ -248,9 +239,8 @@ class Worker:
         self.args = args
         self.chan = chan
         self.output_dir = Path(args.output_dir)
-        spec = os.environ.get("KHALA_TEST_FAULT", "")
-        marker = os.environ.get("KHALA_TEST_FAULT_DIR") or self.output_dir / ".khala" / "test-faults"
-        self.faults = Faults(spec, Path(marker)) if spec else NO_FAULTS
+        marker = args.test_fault_dir or self.output_dir / ".khala" / "test-faults"
+        self.faults = Faults(args.test_faults or "", Path(marker))
         self.pipeline = None
         self.wave = None
 
@@ -274,130 +264,120 @@ class Worker:
                 label = f"{label} ({torch.cuda.get_device_name(0)})"
         self.device_label = label
 
-    # -- the wave --------------------------------------------------------------------------
-
-    def _progress(self, batch: Batch, seeds: list[int]):
-        state = {"phase": None, "t": 0.0}
-        job_id = batch.first.job_id
-
-        def cb(phase: str, done: int, total: int, extra: dict | None = None) -> None:
-            now = time.monotonic()
-            if phase != state["phase"] or done >= total or now - state["t"] >= 0.25:
-                state["phase"], state["t"] = phase, now
-                tps = (extra or {}).get("tokens_per_s")
-                self.chan.send({"type": "progress", "wave": self.wave, "job_id": job_id,
-                                "seeds": seeds, "phase": phase, "done": int(done),
-                                "total": int(total),
-                                "tokens_per_s": float(tps) if tps is not None else None})
-            self.faults.fire("progress", batch.job_ids, len(batch.renders))
-        return cb
-
-    def _request(self, batch: Batch, seeds: list[int]):
-        from khala_cli.engine.pipeline import Request
-
-        r = batch.first
-        return Request(backbone_ids=batch.bb_ids, superres_ids=batch.sr_ids, seeds=list(seeds),
-                       top_k_bb=r.top_k_bb, temperature=r.temperature, top_k_sr=r.top_k_sr,
-                       max_new_tokens=r.max_new_tokens, duration=r.duration)
-
-    def _fail(self, batch: Batch, exc: BaseException) -> None:
-        traceback.print_exception(exc, file=sys.stderr)
-        batch.failed = True
-        error = f"{type(exc).__name__}: {exc}"
-        for r in batch.renders:
-            self._result(batch, r, "failed", error=error)
+    # -- reporting -------------------------------------------------------------------------
 
     def _result(self, batch: Batch, render, status: str, error: str | None = None,
-                files: dict | None = None) -> None:
+                files: dict | None = None, **extra: Any) -> None:
         print(f"worker: {render.stem}: {status}" + (f": {error}" if error else ""),
               file=sys.stderr, flush=True)
         self.chan.send({"type": "result", "wave": self.wave, "id": batch.ids[render.key],
                         "status": status, "error": error, "files": files or {},
                         "seconds": round(time.monotonic() - batch.started, 3),
-                        "resumed": render.key in batch.resumed})
+                        "resumed": render.key in batch.resumed, **extra})
 
-    def _stage(self, batches: list[Batch], fn) -> None:
-        for b in batches:
-            if b.failed:
-                continue
-            try:
-                fn(b)
-            except Exception as exc:  # noqa: BLE001 - reported per batch
-                if is_oom(exc):
-                    traceback.print_exception(exc, file=sys.stderr)
-                    raise OutOfMemory(list(b.ids.values()),
-                                      f"{type(exc).__name__}: {exc}") from exc
-                self._fail(b, exc)
+    def _fail(self, batch: Batch, exc: BaseException) -> None:
+        if is_oom(exc):
+            traceback.print_exception(exc, file=sys.stderr)
+            raise OutOfMemory(list(batch.ids.values()), f"{type(exc).__name__}: {exc}") from exc
+        traceback.print_exception(exc, file=sys.stderr)
+        for r in batch.renders:
+            self._result(batch, r, "failed", error=f"{type(exc).__name__}: {exc}")
 
-    def _backbone(self, b: Batch) -> None:
+    def _progress(self, batches: list[Batch]):
+        state = {"phase": None, "t": 0.0}
+
+        def cb(phase: str, done: int, total: int, extra: dict | None = None) -> None:
+            i = (extra or {}).get("request")
+            group = batches if i is None else [batches[i]]
+            now = time.monotonic()
+            if phase != state["phase"] or done >= total or now - state["t"] >= 0.25:
+                state["phase"], state["t"] = phase, now
+                tps = (extra or {}).get("tokens_per_s")
+                self.chan.send({"type": "progress", "wave": self.wave,
+                                "job_id": group[0].first.job_id,
+                                "seeds": [r.seed for b in group for r in b.renders],
+                                "phase": phase, "done": int(done), "total": int(total),
+                                "tokens_per_s": float(tps) if tps is not None else None})
+            for b in group:
+                self.faults.fire("progress", b.job_ids, len(b.renders))
+        return cb
+
+    # -- the wave --------------------------------------------------------------------------
+
+    def _request(self, batch: Batch):
+        from khala_cli.engine.backbone import BackboneRow
+        from khala_cli.engine.pipeline import Request
         from khala_cli.prompt import PromptSpec, prompt_ids
 
-        r = b.first
+        r = batch.first
         spec = PromptSpec(mode=r.mode, prompt_mode=r.prompt_mode, tags=tuple(r.tags),
                           prompt=r.prompt, lyrics=r.lyrics, duration=r.duration)
-        b.bb_ids, b.sr_ids = prompt_ids(self.pipeline.tokenizer, spec)
-        codebook = int(self.pipeline.info.codebook_size)
-        for render in b.renders:
-            q = load_q01(work_path(self.output_dir, render.key), codebook)
-            if q is not None:
-                b.q01[render.key] = q
-                b.resumed.add(render.key)
+        bb_ids, sr_ids = prompt_ids(self.pipeline.tokenizer, spec)
+        resume = {}
+        for render in batch.renders:
+            saved = load_q01(work_path(self.output_dir, render.key),
+                             int(self.pipeline.info.codebook_size))
+            if saved is not None:
+                resume[render.seed] = BackboneRow(*saved)
+                batch.resumed.add(render.key)
                 print(f"worker: {render.stem}: resuming from saved backbone tokens",
                       file=sys.stderr, flush=True)
-        todo = [x for x in b.renders if x.key not in b.q01]
-        if not todo:
-            return
-        seeds = [x.seed for x in todo]
-        t = time.monotonic()
-        out = self.pipeline.backbone(self._request(b, seeds), progress=self._progress(b, seeds))
-        b.timings["backbone_s"] = time.monotonic() - t
-        for render, row in zip(todo, out, strict=True):
-            save_q01(work_path(self.output_dir, render.key), row.codes)
-            b.q01[render.key] = row.codes
-            b.backbone_stats[render.key] = {"ended": row.ended,
-                                            "logprob_mean": row.logprob_mean}
-        self.faults.fire("after_backbone", b.job_ids, len(b.renders))
+        req = Request(backbone_ids=bb_ids, superres_ids=sr_ids,
+                      seeds=[x.seed for x in batch.renders], top_k_bb=r.top_k_bb,
+                      temperature=r.temperature, top_k_sr=r.top_k_sr,
+                      max_new_tokens=r.max_new_tokens, duration=r.duration, resume=resume)
+        return req, len(bb_ids)
 
-    def _superres(self, b: Batch) -> None:
-        seeds = [x.seed for x in b.renders]
-        if b.resumed:  # the backbone made no progress call: the faults act here instead
-            self.faults.fire("progress", b.job_ids, len(b.renders))
-        t = time.monotonic()
-        b.codes = self.pipeline.superres(self._request(b, seeds), [b.q01[x.key] for x in b.renders],
-                                         progress=self._progress(b, seeds))
-        b.timings["superres_s"] = time.monotonic() - t
+    def _save_rows(self, batch: Batch, rows) -> None:
+        for render, row in zip(batch.renders, rows, strict=True):
+            if render.key not in batch.resumed:
+                save_q01(work_path(self.output_dir, render.key), row)
+        self.faults.fire("after_backbone", batch.job_ids, len(batch.renders))
 
-    def _decode(self, b: Batch) -> None:
+    def _write(self, batch: Batch, render, audio, codes, info: dict, take=None) -> None:
+        """Write one take; on failure keep it (if it is not kept already) for the next try."""
         from khala_cli import outputs
 
-        seeds = [x.seed for x in b.renders]
-        t = time.monotonic()
-        audio = self.pipeline.decode(b.codes, progress=self._progress(b, seeds))
-        b.timings["decode_s"] = time.monotonic() - t
-        info_model = {"name": self.pipeline.info.name,
-                      "fingerprint": self.pipeline.info.fingerprint,
-                      "demo": bool(self.pipeline.info.demo)}
-        sr = int(self.pipeline.codec_config.sample_rate)
-        for render, codes, wav in zip(b.renders, b.codes, audio, strict=True):
-            timings = dict(b.timings)
-            if render.key in b.resumed:
-                timings["backbone_s"] = 0.0
-            timings = {k: round(v, 3) for k, v in timings.items()}
-            timings["total_s"] = round(sum(timings.values()), 3)
-            info = {"tokens": {"prompt": len(b.bb_ids),
-                               "backbone": int(b.q01[render.key].shape[1]) * 2},
-                    "backbone": b.backbone_stats.get(render.key, {}),
-                    "timings": timings, "device": self.device_label, "model": info_model}
-            try:
-                files = outputs.write_take(render, wav, sr, codes=codes, info=info)
-            except Exception as exc:  # noqa: BLE001 - this take failed, the others go on
-                traceback.print_exception(exc, file=sys.stderr)
-                self._result(b, render, "failed", error=f"{type(exc).__name__}: {exc}")
-                continue
+        try:
+            self.faults.fire("write", {render.job_id}, 1)
+            files = outputs.write_take(render, audio, int(self.pipeline.codec_config.sample_rate),
+                                       codes=codes, info=info)
+        except (OSError, outputs.OutputError) as exc:
+            err = exc if isinstance(exc, outputs.OutputError) else \
+                outputs._os_error(render.path(".mp3"), exc)
+            traceback.print_exception(exc, file=sys.stderr)
+            kept = take is None or keep_take(kept_path(self.output_dir, render), take, info)
+            self._result(batch, render, "failed", error=str(err), kept=kept,
+                         no_space=bool(err.no_space), path=str(err.path or render.out_dir))
+            return
+        for p in (work_path(self.output_dir, render.key), kept_path(self.output_dir, render),
+                  q01_stats_path(work_path(self.output_dir, render.key))):
             with contextlib.suppress(OSError):
-                work_path(self.output_dir, render.key).unlink()
-            self._result(b, render, "rendered",
-                         files={k: str(v) for k, v in (files or {}).items()})
+                p.unlink()
+        self._result(batch, render, "rendered", files={k: str(v) for k, v in files.items()})
+
+    def _write_kept(self, batch: Batch) -> list:
+        """Write the takes kept from an earlier failed write; the renders still to render."""
+        todo = []
+        for render in batch.renders:
+            kept = load_kept(kept_path(self.output_dir, render))
+            if kept is None:
+                todo.append(render)
+                continue
+            print(f"worker: {render.stem}: writing the take kept from an earlier failed write "
+                  "(no rendering)", file=sys.stderr, flush=True)
+            audio, codes, info = kept
+            self._write(batch, render, audio, codes, info)
+        return todo
+
+    def _info(self, take, prompt_tokens: int) -> dict:
+        timings = {k: round(float(v), 3) for k, v in take.timings.items()}
+        return {"tokens": {"prompt": prompt_tokens, "backbone": int(take.backbone_tokens)},
+                "backbone": {"ended": take.ended, "logprob_mean": take.logprob_mean},
+                "timings": timings, "device": self.device_label,
+                "model": {"name": self.pipeline.info.name,
+                          "fingerprint": self.pipeline.info.fingerprint,
+                          "demo": bool(self.pipeline.info.demo)}}
 
     def run_wave(self, msg: dict) -> None:
         self.wave = msg.get("wave")
@@ -406,9 +386,7 @@ class Worker:
               + " | ".join(" ".join(r.stem for r in b.renders) for b in batches),
               file=sys.stderr, flush=True)
         try:
-            self._stage(batches, self._backbone)
-            self._stage(batches, self._superres)
-            self._stage(batches, self._decode)
+            self._render_wave(batches)
         except OutOfMemory as oom:
             self.chan.send({"type": "oom", "wave": self.wave, "ids": oom.ids,
                             "error": str(oom)})
@@ -416,6 +394,24 @@ class Worker:
             os._exit(6)
         self.chan.send({"type": "wave_done", "wave": self.wave})
         self.wave = None
+
+    def _render_wave(self, batches: list[Batch]) -> None:
+        live = []
+        for b in batches:
+            b.renders = self._write_kept(b)
+            if b.renders:
+                live.append(b)
+        if not live:
+            return
+        made = [self._request(b) for b in live]
+        takes = self.pipeline.render(
+            [req for req, _ in made], progress=self._progress(live),
+            on_backbone=lambda i, rows: self._save_rows(live[i], rows),
+            on_error=lambda i, exc: self._fail(live[i], exc))
+        for b, (_, n_prompt), per_batch in zip(live, made, takes, strict=True):
+            for render, take in zip(b.renders, per_batch, strict=False):
+                self._write(b, render, take.audio, take.codes, self._info(take, n_prompt),
+                            take=take)
 
     def serve(self) -> None:
         while True:
@@ -436,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--residency", choices=("keep_loaded", "one_shot"), default="keep_loaded")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--parent-pid", type=int, default=0)
+    ap.add_argument("--test-faults", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--test-fault-dir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     die_with_parent(args.parent_pid or None)
