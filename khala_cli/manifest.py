@@ -41,6 +41,8 @@ TOP_K_SR_RANGE = (1, 1024)
 TEMPERATURE_RANGE = (0.6, 1.4)
 MAX_MINUTES_RANGE = (0.05, 10.0)
 SEED_RANGE = (0, 2**32 - 1)
+TRACK_RANGE = (1, 999)
+YEAR_RANGE = (1000, 9999)
 MAX_RENDERS = 10_000
 
 DEFAULT_DURATION = 3
@@ -63,10 +65,12 @@ RESERVED_IDS = frozenset({"reports"})
 TOP_KEYS = ("model", "output_dir", "defaults", "jobs")
 SETTING_KEYS = (
     "mode", "duration", "top_k_bb", "temperature", "top_k_sr", "max_minutes", "seeds",
-    "artist", "album",
+    "artist", "album", "year", "genre",
 )
 DEFAULT_KEYS = SETTING_KEYS
-JOB_KEYS = ("id", "title", "prompt_mode", "tags", "prompt", "lyrics", "lyrics_file") + SETTING_KEYS
+# `track` belongs to one job: a default track number would give every job the same one.
+JOB_KEYS = ("id", "title", "prompt_mode", "tags", "prompt", "lyrics", "lyrics_file",
+            "track") + SETTING_KEYS
 SEED_KEYS = ("from", "count")
 
 
@@ -122,6 +126,10 @@ class Job:
     artist: str = ""
     album: str = ""
     lyrics_file: str | None = None
+    track: int | None = None  # the catalogue's track number; None: manifest order
+    year: int | None = None
+    genre: str = ""
+    index: int = 0  # the job's place in the manifest (0-based)
 
     @property
     def max_new_tokens(self) -> int:
@@ -665,9 +673,11 @@ def _settings(ck: _Checker, raw: dict[str, Any], lines: dict[str, int], job: str
             got = _float_in(ck, v, *MAX_MINUTES_RANGE, line, job, fld, " minutes")
         elif key == "seeds":
             got = _seeds(ck, v, line, job, fld, max_renders)
-        elif key in ("artist", "album"):
+        elif key in ("artist", "album", "genre"):
             got = _text(ck, v, line, job, fld)
             got = got.strip() if got is not None else None
+        elif key == "year":
+            got = _int_in(ck, v, *YEAR_RANGE, line, job, fld)
         else:  # pragma: no cover - keys are filtered before
             continue
         if got is not None:
@@ -780,6 +790,9 @@ def _job(ck: _Checker, item: Any, idx: int, line: int, defaults: dict[str, Any],
             except OSError as exc:
                 ck.error(lyrics_line, f"cannot read lyrics file {lf}: {exc.strerror or exc}",
                          name, "lyrics_file")
+    track = None
+    if "track" in d:
+        track = _int_in(ck, d["track"], *TRACK_RANGE, _line_of(d, "track", line), name, "track")
     lyrics = clean_lyrics(lyrics_raw)
     if mode == "instrumental":
         if lyrics:
@@ -810,6 +823,10 @@ def _job(ck: _Checker, item: Any, idx: int, line: int, defaults: dict[str, Any],
         artist=s.get("artist", ""),
         album=s.get("album", ""),
         lyrics_file=lyrics_file,
+        track=track,
+        year=s.get("year"),
+        genre=s.get("genre", ""),
+        index=idx,
     )
 
 

@@ -28,6 +28,10 @@ class Render:
     title: str = ""
     artist: str = ""
     album: str = ""
+    track: int | None = None  # catalogue fields: like the title, not part of the key
+    year: int | None = None
+    genre: str = ""
+    job_index: int = 0  # the job's place in the manifest: the track number without `track`
     mode: str = "vocal"  # vocal | instrumental
     prompt_mode: str = "tags"  # tags | natural
     tags: tuple[str, ...] = ()
@@ -106,7 +110,8 @@ def build_renders(manifest: Manifest, fingerprint: str, *, output_dir: str | Pat
                 job_id=job.id, seed=int(seed),
                 key=render_key(audio_settings(job, seed), fingerprint),
                 out_dir=str(out_dir), stem=f"{job.id}-s{seed}",
-                title=job.title, artist=job.artist, album=job.album,
+                title=job.title, artist=job.artist, album=job.album, track=job.track,
+                year=job.year, genre=job.genre, job_index=job.index,
                 mode=job.mode, prompt_mode=job.prompt_mode, tags=tuple(job.tags),
                 prompt=job.prompt, lyrics=job.lyrics, duration=job.duration,
                 top_k_bb=job.top_k_bb, top_k_sr=job.top_k_sr, temperature=job.temperature,

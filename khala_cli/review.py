@@ -12,6 +12,7 @@ page of 10,000 takes opens in seconds. No torch here.
 from __future__ import annotations
 
 import html
+import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
@@ -20,6 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 from khala_cli import __version__
+from khala_cli.keep import read_marks
 from khala_cli.outputs import atomic_path
 from khala_cli.takes import TakeFile, check_output_dir, load_json, read_takes
 
@@ -136,8 +138,9 @@ def _hms(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def take_html(rank: int, t: dict[str, Any]) -> str:
+def take_html(rank: int, t: dict[str, Any], kept: bool = False) -> str:
     a = t.get("analysis") or {}
+    tid = f"{t.get('job_id')}:{t.get('seed')}"
     flags = a.get("flags") or []
     mp3 = _href(t, "mp3")
     player = (f'<audio controls preload="none" src="{mp3}"></audio>' if mp3
@@ -151,7 +154,10 @@ def take_html(rank: int, t: dict[str, Any]) -> str:
     demo = '<span class="demo">noise (demo model)</span>' if (t.get("model") or {}).get("demo") else ""
     cls = "take flagged" if flags else "take"
     return (
-        f'<li class="{cls}" data-score="{_e(a.get("score"))}" data-seed="{_e(t.get("seed"))}">'
+        f'<li class="{cls}" data-score="{_e(a.get("score"))}" data-seed="{_e(t.get("seed"))}" '
+        f'data-take="{_e(tid)}" data-kept="{int(kept)}">'
+        f'<label class="keep" title="keep this take"><input type="checkbox" class="keep-box"'
+        f'{" checked" if kept else ""}> keep</label>'
         f'<span class="rank">{rank}</span>'
         f'<span class="seed">seed {_e(t.get("seed"))}</span>'
         f'<canvas class="wave" width="240" height="36" data-peaks="{_e(a.get("peaks", ""))}">'
@@ -165,7 +171,7 @@ def take_html(rank: int, t: dict[str, Any]) -> str:
     )
 
 
-def job_html(j: JobView) -> str:
+def job_html(j: JobView, kept: set[tuple[str, int]] = frozenset()) -> str:
     f = j.first
     what = (f"tags: {', '.join(f.get('tags') or [])}" if f.get("prompt_mode") == "tags"
             else f"prompt: {f.get('prompt') or ''}")
@@ -174,7 +180,8 @@ def job_html(j: JobView) -> str:
                 f"{f.get('temperature', '')} · model {(f.get('model') or {}).get('name', '')}")
     lyrics = (f'<details><summary>lyrics</summary><pre>{_e(f.get("lyrics"))}</pre></details>'
               if f.get("lyrics") else "")
-    takes = "".join(take_html(i + 1, t) for i, t in enumerate(j.takes))
+    takes = "".join(take_html(i + 1, t, (j.job_id, t.get("seed")) in kept)
+                    for i, t in enumerate(j.takes))
     failed = "".join(
         f'<li>seed {_e(e.get("seed"))}: {_e(e.get("error") or "failed")} '
         f'<span class="meta">({_e(e.get("_run"))}; log {_e(e.get("log"))})</span></li>'
@@ -242,6 +249,11 @@ def page_html(output_dir: Path) -> str:
     bad_html = f'<section class="unreadable"><h2>unreadable sidecars</h2><ul>{bad}</ul></section>' \
         if bad else ""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    kept = set(read_marks(output_dir))
+    keep_bar = (f'<div id="keep-bar" data-dir="{_e(shlex.quote(str(output_dir)))}">'
+                f'<span id="kept-count">{len(kept)} kept</span>'
+                '<code id="keep-cmd"></code><button id="copy-keep" type="button">copy</button>'
+                '<span id="copied"></span></div>')
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -251,8 +263,9 @@ def page_html(output_dir: Path) -> str:
         f"{demo}{summary_html(s, runs)}</header>"
         '<div class="controls"><input id="search" type="search" placeholder="search titles '
         'and ids" autocomplete="off"><label><input id="hide-flagged" type="checkbox"> hide '
-        'flagged takes</label><span id="shown"></span></div><main>'
-        f"{jobs_table(jobs)}{bad_html}{''.join(job_html(j) for j in jobs)}</main>"
+        'flagged takes</label><span id="shown"></span></div>'
+        f"{keep_bar}<main>"
+        f"{jobs_table(jobs)}{bad_html}{''.join(job_html(j, kept) for j in jobs)}</main>"
         f"<script>{_asset('review.js')}</script></body></html>\n"
     )
 

@@ -445,6 +445,44 @@ jobs:
     lyrics: y
     seeds: "0-5999"
 """, 3, "jobs", None, "12000 renders (jobs x seeds) is more than the limit of 10000"),
+    ("track-zero", """\
+model: demo
+output_dir: out
+jobs:
+  - id: a
+    tags: [Pop]
+    lyrics: x
+    track: 0
+""", 7, "track", "a", "0 is out of range 1..999"),
+    ("track-in-defaults", """\
+model: demo
+output_dir: out
+defaults:
+  track: 3
+jobs:
+  - id: a
+    tags: [Pop]
+    lyrics: x
+""", 4, "defaults.track", None, "unknown key"),
+    ("year-text", """\
+model: demo
+output_dir: out
+defaults:
+  year: last year
+jobs:
+  - id: a
+    tags: [Pop]
+    lyrics: x
+""", 4, "defaults.year", None, "whole number"),
+    ("genre-list", """\
+model: demo
+output_dir: out
+jobs:
+  - id: a
+    tags: [Pop]
+    lyrics: x
+    genre: [Pop, Rock]
+""", 7, "genre", "a", "text"),
 ]
 
 
@@ -627,3 +665,21 @@ def test_max_new_tokens_from_max_minutes():
     assert mf.max_new_tokens(1) == 2584
     assert mf.max_new_tokens(0.05) == 128  # 129.2 -> even
     assert mf.max_new_tokens(0.05) % 2 == 0
+
+
+def test_catalogue_fields_track_year_genre(tmp_path):
+    from khala_cli.plan import build_renders
+
+    path = tmp_path / "jobs.yaml"
+    path.write_text("model: demo\noutput_dir: out\ndefaults: {year: 2026, genre: Pop}\njobs:\n"
+                    "  - {id: a, tags: [Pop], lyrics: x, track: 5, genre: Rock}\n"
+                    "  - {id: b, tags: [Pop], lyrics: x}\n")
+    m = mf.load(path)
+    a, b = m.jobs
+    assert (a.track, a.year, a.genre, a.index) == (5, 2026, "Rock", 0)
+    assert (b.track, b.year, b.genre, b.index) == (None, 2026, "Pop", 1)
+    ra, rb = build_renders(m, "fp")
+    assert (ra.track, ra.genre, rb.job_index) == (5, "Rock", 1)
+    # catalogue fields are not part of the render key, like the title
+    path.write_text(path.read_text().replace("track: 5, genre: Rock", "track: 9"))
+    assert build_renders(mf.load(path), "fp")[0].key == ra.key

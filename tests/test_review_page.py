@@ -183,3 +183,42 @@ def test_flagged_takes_carry_their_flags_in_the_page(synthetic):
     assert "clipping" in data["analysis"]["flags"]
     assert '<span class="flag">clipping</span>' in text
     assert '<span class="flag">cut_at_cap</span>' in text
+
+
+def test_keep_toggles_survive_a_reload_and_give_the_exact_command(synthetic):
+    from selenium.webdriver.common.by import By
+
+    from khala_cli.keep import keep_command, write_marks
+
+    write_marks(synthetic, [("alpha", 1)])
+    write_page(synthetic)
+    page = synthetic / "reports" / "index.html"
+    with browser.chromium() as d:
+        _open(d, page)
+        d.execute_script("localStorage.clear()")
+        d.refresh()
+        box = lambda take: d.find_element(  # noqa: E731
+            By.CSS_SELECTOR, f'li[data-take="{take}"] input.keep-box')
+        assert box("alpha:1").is_selected() and not box("alpha:2").is_selected()
+        assert not d.find_element(By.ID, "keep-bar").is_displayed()  # nothing changed yet
+        box("alpha:2").click()
+        box("beta:7").click()
+        box("alpha:1").click()
+        want = keep_command(str(synthetic), [("alpha", 2), ("beta", 7)], [("alpha", 1)])
+        assert d.find_element(By.ID, "keep-cmd").text == want
+        d.refresh()  # the marks survive a reload
+        assert d.find_element(By.ID, "keep-cmd").text == want
+        assert box("alpha:2").is_selected() and not box("alpha:1").is_selected()
+        d.find_element(By.ID, "copy-keep").click()
+        assert d.find_element(By.ID, "copied").text == "copied"
+        assert browser.console_errors(d) == []
+    # the command the page shows is the one the CLI takes
+    from click.testing import CliRunner
+
+    from khala_cli.cli import _register, cli
+    _register()
+    args = want.split()[2:]
+    res = CliRunner().invoke(cli, ["keep", *args])
+    assert res.exit_code == 0, res.output
+    from khala_cli.keep import read_marks
+    assert read_marks(synthetic) == [("alpha", 2), ("beta", 7)]

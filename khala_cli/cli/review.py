@@ -80,3 +80,29 @@ def report_cmd(output_dir: Path) -> None:
 
     path = write_page(_output_dir(output_dir))
     click.echo(str(path))
+
+
+@cli.command("verify")
+@OUTPUT_DIR_ARG
+@click.option("--fix", is_flag=True, help="Set the damaged takes' sidecars aside, so that the "
+              "next `khala render` renders exactly those takes again.")
+def verify_cmd(output_dir: Path, fix: bool) -> None:
+    """Check every take's files: sizes and sha256 against its sidecar, and that each decodes.
+
+    Names each damaged file and exits 1 when any is damaged (0 when all are whole).
+    """
+    from khala_cli.verify import set_aside, verify
+
+    root = _output_dir(output_dir)
+    checked, damage = verify(root)
+    for d in damage:
+        click.echo(f"damaged: {d.file}: {d.problem}", err=True)
+    if fix:
+        for sidecar in sorted({d.sidecar for d in damage if d.sidecar.exists()}):
+            moved = set_aside(root, sidecar)
+            click.echo(f"set aside {sidecar} -> {moved}; the next render renders it again",
+                       err=True)
+    takes = len({d.sidecar for d in damage})
+    click.echo(f"verified {checked} takes: " + (f"{takes} damaged ({len(damage)} files)"
+                                                if damage else "all whole"))
+    sys.exit(1 if damage else 0)

@@ -47,6 +47,64 @@
     body.classList.toggle("hide-flagged", hide.checked);
     shown.textContent = visible + " takes shown";
   }
+  // Keepers: toggled here, kept in this browser across reloads, applied by the command.
+  const bar = document.getElementById("keep-bar");
+  const storeKey = "khala-keep:" + location.pathname;
+  const boxes = Array.from(document.querySelectorAll("li.take input.keep-box"));
+  function loadMarks() {
+    try { return JSON.parse(localStorage.getItem(storeKey) || "{}"); } catch (e) { return {}; }
+  }
+  function keepCommand() {
+    const keep = [], drop = [];
+    for (const box of boxes) {
+      const li = box.closest("li.take");
+      const onDisk = li.dataset.kept === "1";
+      if (box.checked && !onDisk) keep.push(li.dataset.take);
+      if (!box.checked && onDisk) drop.push(li.dataset.take);
+    }
+    if (!keep.length && !drop.length) return "";
+    const words = ["khala", "keep", bar.dataset.dir].concat(keep);
+    for (const d of drop) words.push("--drop", d);
+    return words.join(" ");
+  }
+  function showKeep() {
+    const marks = {};
+    let kept = 0;
+    for (const box of boxes) {
+      const li = box.closest("li.take");
+      li.classList.toggle("kept", box.checked);
+      if (box.checked) kept++;
+      if (box.checked !== (li.dataset.kept === "1")) marks[li.dataset.take] = box.checked;
+    }
+    try { localStorage.setItem(storeKey, JSON.stringify(marks)); } catch (e) { /* private mode */ }
+    const cmd = keepCommand();
+    document.getElementById("keep-cmd").textContent = cmd;
+    document.getElementById("kept-count").textContent = kept + " kept";
+    bar.classList.toggle("changed", cmd !== "");
+  }
+  const saved = loadMarks();
+  for (const box of boxes) {
+    const id = box.closest("li.take").dataset.take;
+    if (id in saved) box.checked = !!saved[id];
+    box.addEventListener("change", showKeep);
+  }
+  document.getElementById("copy-keep").addEventListener("click", function () {
+    const text = keepCommand();
+    const done = function () { document.getElementById("copied").textContent = "copied"; };
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(text).then(done, function () {});
+    } else {
+      const area = document.createElement("textarea");
+      area.value = text;
+      document.body.appendChild(area);
+      area.select();
+      document.execCommand("copy");
+      area.remove();
+      done();
+    }
+  });
+  showKeep();
+
   search.addEventListener("input", apply);
   hide.addEventListener("change", apply);
   apply();

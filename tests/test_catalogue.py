@@ -1,0 +1,285 @@
+"""Keepers and the export: real takes written by the real writer, exported files read back
+with mutagen, soundfile and pyloudnorm."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+
+from khala_cli import outputs
+from khala_cli.analysis import loudness_lufs, true_peak_db
+from khala_cli.cli import _register, cli
+from khala_cli.names import safe_component
+from khala_cli.plan import Render
+
+SR = 44100
+
+
+def noise(seconds: float, rms_db: float, seed: int, peaky: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((int(SR * seconds), 2)).astype(np.float32)
+    x *= 10 ** (rms_db / 20)
+    if peaky:  # sparse spikes near full scale: needs the limiter at -14 LUFS
+        x[:: SR // 7] = 0.99
+    return x
+
+
+def take(root: Path, job: str, seed: int, audio: np.ndarray, *, title: str, score: float,
+         artist: str = "The Band", album: str = "Nights", flags: tuple = (), **kw) -> None:
+    r = Render(job_id=job, seed=seed, key=f"key{job}{seed}", out_dir=str(root / job),
+               stem=f"{job}-s{seed}", title=title, artist=artist, album=album,
+               lyrics="[verse]\nla la la", **kw)
+    outputs.write_take(r, audio, SR, info={"device": "cpu:0", "model": {
+        "name": "test", "fingerprint": "fp123", "demo": False}})
+    side = json.loads(r.path(".json").read_text())
+    side["analysis"].update(score=score, flags=list(flags))
+    r.path(".json").write_text(json.dumps(side))
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    root = tmp_path / "out"
+    take(root, "night", 1, noise(3, -30, 1), title="Night Wind", score=-2.0, job_index=0,
+         year=2026, genre="Pop")
+    take(root, "night", 2, noise(3, -20, 2, peaky=True), title="Night Wind", score=-1.0,
+         job_index=0, year=2026, genre="Pop")
+    take(root, "night", 3, noise(3, -20, 3), title="Night Wind", score=-0.5, job_index=0,
+         flags=("clipping",))
+    take(root, "paper", 5, noise(3, -25, 5), title="Paper Boats", score=-3.0, job_index=1,
+         track=7)
+    reports = root / "reports"
+    reports.mkdir()
+    (reports / "run-20260101T000000Z.json").write_text(json.dumps({"summary": {}, "renders": [
+        {"job_id": "paper", "seed": 6, "status": "failed", "error": "boom"}]}))
+    return root
+
+
+def khala(*args: str):
+    _register()
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def marks(root: Path) -> list[tuple[str, int]]:
+    data = json.loads((root / "keepers.json").read_text())
+    return [(k["job_id"], k["seed"]) for k in data["keepers"]]
+
+
+# ---- keep ------------------------------------------------------------------------------
+
+
+def test_keep_drop_and_top(out):
+    assert khala("keep", out, "night:1", "paper:5").exit_code == 0
+    assert marks(out) == [("night", 1), ("paper", 5)]
+    assert khala("keep", out, "--drop", "night:1").exit_code == 0
+    assert marks(out) == [("paper", 5)]
+    res = khala("keep", out, "--top", "1", "--only", "night")
+    assert res.exit_code == 0, res.output
+    assert marks(out) == [("paper", 5), ("night", 2)]  # the best unflagged, not seed 3
+
+
+@pytest.mark.parametrize("arg,msg", [
+    ("ghost:1", "no job 'ghost'"),
+    ("night:9", "no rendered take with seed 9"),
+    ("paper:6", "this take failed"),
+    ("night-1", "is not a take: write JOB:SEED"),
+])
+def test_keep_refuses_bad_takes_and_changes_nothing(out, arg, msg):
+    assert khala("keep", out, "night:1").exit_code == 0
+    before = (out / "keepers.json").read_bytes()
+    res = khala("keep", out, arg, "paper:5")
+    assert res.exit_code == 2 and msg in res.output and arg.split(":")[0] in res.output
+    assert (out / "keepers.json").read_bytes() == before
+
+
+def test_the_page_shows_keepers(out):
+    khala("keep", out, "night:2")
+    page = (out / "reports" / "index.html").read_text()
+    assert 'data-kept="1"' in page
+
+
+# ---- export ----------------------------------------------------------------------------
+
+
+def measured(path: Path) -> tuple[float, float]:
+    audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    return loudness_lufs(audio, sr), true_peak_db(audio)
+
+
+def test_export_mp3_loudness_tags_and_catalogue(out, tmp_path):
+    from mutagen.id3 import ID3
+
+    khala("keep", out, "night:1", "night:2", "paper:5")
+    dest = tmp_path / "cat"
+    res = khala("export", out, dest)
+    assert res.exit_code == 0, res.output
+    album = dest / "The Band" / "Nights"
+    names = sorted(p.name for p in album.iterdir())
+    assert names == ["01 Night Wind (take 2).mp3", "01 Night Wind.mp3", "07 Paper Boats.mp3"]
+    for p in album.iterdir():
+        lufs, tp = measured(p)
+        assert lufs == pytest.approx(-14.0, abs=0.5), p.name
+        assert tp <= -1.0, (p.name, tp)
+    tags = ID3(album / "01 Night Wind.mp3")
+    assert str(tags["TIT2"]) == "Night Wind" and str(tags["TPE1"]) == "The Band"
+    assert str(tags["TALB"]) == "Nights" and str(tags["TRCK"]) == "1/7"
+    assert str(tags["TDRC"]) == "2026" and str(tags["TCON"]) == "Pop"
+    assert tags.getall("USLT")[0].text == "[verse]\nla la la"
+    txxx = {f.desc: str(f) for f in tags.getall("TXXX")}
+    assert txxx["khala_seed"] == "2"  # the best take gets the plain name
+    assert txxx["khala_render_key"] == "keynight2"
+    assert txxx["khala_model_fingerprint"] == "fp123" and "khala_version" in txxx
+    rows = json.loads((dest / "catalogue.json").read_text())["files"]
+    assert len(rows) == 3 and (dest / "catalogue.csv").read_text().count("\n") == 4
+    row = next(r for r in rows if r["file"].endswith("07 Paper Boats.mp3"))
+    assert row["source"] == "paper/paper-s5.json"
+    assert row["lufs_before"] == pytest.approx(measured(out / "paper" / "paper-s5.wav")[0],
+                                               abs=0.05)
+    assert row["lufs_after"] == pytest.approx(-14.0, abs=0.5)
+    import hashlib
+    assert row["sha256"] == hashlib.sha256((dest / row["file"]).read_bytes()).hexdigest()
+    peaky = next(r for r in rows if r["seed"] == 2)
+    assert peaky["limited"] is True  # its peaks needed the limiter
+
+
+def test_export_flac_and_wav_and_loudness_off(out, tmp_path):
+    from mutagen.flac import FLAC
+    from mutagen.wave import WAVE
+
+    khala("keep", out, "paper:5")
+    dest = tmp_path / "cat"
+    res = khala("export", out, dest, "--format", "flac", "--format", "wav",
+                "--loudness", "-16", "--true-peak", "-2")
+    assert res.exit_code == 0, res.output
+    flac = dest / "The Band" / "Nights" / "07 Paper Boats.flac"
+    wav = flac.with_suffix(".wav")
+    for p in (flac, wav):
+        lufs, tp = measured(p)
+        assert lufs == pytest.approx(-16.0, abs=0.5) and tp <= -2.0
+    f = FLAC(flac)
+    assert f["TITLE"] == ["Paper Boats"] and f["TRACKNUMBER"] == ["7"]
+    assert f["KHALA_SEED"] == ["5"] and f["LYRICS"] == ["[verse]\nla la la"]
+    assert str(WAVE(wav).tags["TIT2"]) == "Paper Boats"
+    off = tmp_path / "off"
+    assert khala("export", out, off, "--loudness", "off", "--format", "flac").exit_code == 0
+    src, _ = sf.read(str(out / "paper" / "paper-s5.wav"), dtype="float32")
+    got, _ = sf.read(str(off / "The Band" / "Nights" / "07 Paper Boats.flac"), dtype="float32")
+    assert np.abs(got - src).max() < 1e-6  # the audio as rendered
+
+
+def test_repeating_the_export_writes_nothing_and_a_changed_set_only_what_changed(out, tmp_path):
+    dest = tmp_path / "cat"
+    khala("keep", out, "night:1", "paper:5")
+    assert khala("export", out, dest).exit_code == 0
+    files = {p: p.stat().st_mtime_ns for p in dest.rglob("*.mp3")}
+    again = khala("export", out, dest)
+    assert "exported 0 files, 2 unchanged" in again.output
+    assert {p: p.stat().st_mtime_ns for p in dest.rglob("*.mp3")} == files
+    khala("keep", out, "--drop", "paper:5")
+    res = khala("export", out, dest)
+    assert "exported 0 files, 1 unchanged, 1 removed" in res.output, res.output
+    assert not (dest / "The Band" / "Nights" / "07 Paper Boats.mp3").exists()
+    first = dest / "The Band" / "Nights" / "01 Night Wind.mp3"
+    assert first.stat().st_mtime_ns == files[first]
+    # a better take of the same song: it takes the plain name, seed 1 becomes "take 2"
+    khala("keep", out, "night:2")
+    res = khala("export", out, dest)
+    assert "exported 2 files, 0 unchanged, 0 removed" in res.output, res.output
+    rows = {r["file"]: r["seed"] for r in
+            json.loads((dest / "catalogue.json").read_text())["files"]}
+    assert rows == {"The Band/Nights/01 Night Wind.mp3": 2,
+                    "The Band/Nights/01 Night Wind (take 2).mp3": 1}
+
+
+def test_a_foreign_file_is_never_overwritten_without_force(out, tmp_path):
+    dest = tmp_path / "cat"
+    khala("keep", out, "paper:5")
+    foreign = dest / "The Band" / "Nights" / "07 Paper Boats.mp3"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"my own file")
+    res = khala("export", out, dest)
+    assert res.exit_code == 2 and str(foreign) in res.output
+    assert foreign.read_bytes() == b"my own file" and not (dest / "catalogue.json").exists()
+    assert khala("export", out, dest, "--force").exit_code == 0
+    assert foreign.read_bytes() != b"my own file"
+
+
+def test_hostile_titles_make_safe_distinct_names(tmp_path):
+    root = tmp_path / "out"
+    titles = {"a": "AC/DC: *Live* ..", "b": "..", "c": "夜の風 🌙", "d": "x" * 300,
+              "e": "Same", "f": "Same", "g": "con"}
+    for i, (job, title) in enumerate(titles.items()):
+        take(root, job, 1, noise(2, -25, i), title=title, score=-1.0, job_index=i,
+             artist="A/B", album="..")
+    assert khala("keep", root, *[f"{j}:1" for j in titles]).exit_code == 0
+    dest = tmp_path / "cat"
+    res = khala("export", root, dest)
+    assert res.exit_code == 0, res.output
+    files = sorted(dest.rglob("*.mp3"))
+    assert len(files) == 7
+    for p in files:
+        rel = p.relative_to(dest)
+        assert len(rel.parts) == 3 and ".." not in rel.parts and rel.parts[1] == "Unknown Album"
+        assert all(len(part.encode()) <= 255 and part == safe_component(part.removesuffix(
+            ".mp3"), suffix=".mp3" if part.endswith(".mp3") else "") for part in rel.parts)
+        assert not any(c in "/\\:*?\"<>|" for c in p.name)
+    names = [p.name for p in files]
+    assert "03 夜の風 🌙.mp3" in names and "01 AC_DC_ _Live_.mp3" in names
+    assert "07 con.mp3" in names  # not a device name once numbered
+    assert {"05 Same.mp3", "06 Same.mp3"} <= set(names)
+
+
+def test_safe_component_rules():
+    assert safe_component("CON.txt") == "_CON.txt"
+    assert safe_component("trail. . ") == "trail"
+    assert safe_component("a\x00b\nc") == "a_b_c"
+    long = safe_component("é" * 300, suffix=" (take 2).flac")
+    assert len(long.encode()) <= 255 and long.endswith(" (take 2).flac")
+
+
+def test_a_full_destination_disk_fails_cleanly(out, small_fs):
+    dest = small_fs(1)
+    khala("keep", out, "night:1", "night:2", "paper:5")
+    res = khala("export", out, dest, "--format", "wav")
+    assert res.exit_code == 74, res.output
+    assert "No space left on device" in res.output
+    assert outputs.temp_files(dest) == []  # nothing half-written
+
+
+def test_export_without_keepers_exits_2(out, tmp_path):
+    res = khala("export", out, tmp_path / "cat")
+    assert res.exit_code == 2 and "no keepers" in res.output
+
+
+@pytest.mark.slow
+def test_rendered_takes_carry_the_manifest_tags_into_the_export(tmp_path, demo_model_dir):
+    from mutagen.id3 import ID3
+
+    manifest = tmp_path / "jobs.yaml"
+    manifest.write_text(
+        "model: demo\noutput_dir: out\n"
+        "defaults: {max_minutes: 0.05, artist: Demo Band, album: Noise Tests, year: 2025, "
+        "genre: Ambient}\njobs:\n"
+        "  - {id: first, title: First Light, tags: [Pop], lyrics: '[verse]\\nhello', "
+        "seeds: [1], track: 3}\n"
+        "  - {id: second, title: Second, mode: instrumental, tags: [Piano], seeds: [2]}\n")
+    proc = subprocess.run([sys.executable, "-m", "khala_cli", "render", str(manifest),
+                           "--devices", "cpu", "--quiet"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    assert khala("keep", out, "first:1", "second:2").exit_code == 0
+    res = khala("export", out, tmp_path / "cat")
+    assert res.exit_code == 0, res.output
+    album = tmp_path / "cat" / "Demo Band" / "Noise Tests"
+    first, second = ID3(album / "03 First Light.mp3"), ID3(album / "02 Second.mp3")
+    assert str(first["TRCK"]) == "3/3" and str(second["TRCK"]) == "2/3"
+    assert str(first["TDRC"]) == "2025" and str(first["TCON"]) == "Ambient"
+    assert first.getall("USLT")[0].text == "[verse]\nhello"
+    assert "noise" in str(first.getall("COMM")[0])  # demo takes say what they are
