@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.khala-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/khala bench
+
+# On a machine with an NVIDIA GPU, from a stock PyTorch image (no venv: the image's Python).
+gpu-check:
+	tools/gpu-check
 
 clean:
 	rm -rf $(VENV) jobs/out

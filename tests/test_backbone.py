@@ -296,3 +296,17 @@ def test_rows_that_emit_end_of_song_say_so():
         has_eos = bool((toks[0::2] == LAYOUT.end_of_song_id).any())
         assert row.ended == ("end_of_song" if has_eos else "token_cap")
     assert any(r.ended == "end_of_song" for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature,seeds", [(0.0, [1]), (0.0, [1, 2, 3]), (0.9, [4]),
+                                                (0.9, [1, 2, 3])])
+def test_compiled_decode_on_cpu_matches_eager(temperature, seeds):
+    """torch.compile (inductor's C++ backend on the CPU) draws the very same tokens, with the
+    same log-probabilities, greedy and sampled, alone and in a batch."""
+    model = make_model(3)
+    kw = {"top_k": 5, "temperature": temperature, "max_new_tokens": 40, "with_logprobs": True}
+    eager, eager_lp = backbone.decode_tokens(model, LAYOUT, PROMPT, seeds, **kw)
+    comp, comp_lp = backbone.decode_tokens(model, LAYOUT, PROMPT, seeds, compile=True, **kw)
+    assert np.array_equal(comp, eager)
+    np.testing.assert_allclose(comp_lp, eager_lp, atol=1e-5)

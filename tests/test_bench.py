@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 import khala_cli.cli.bench  # noqa: F401  (registers the command)
@@ -36,3 +37,38 @@ def test_bench_human_output_names_the_ratios():
 def test_bench_help_hides_tiny():
     result = CliRunner().invoke(cli, ["bench", "--help"])
     assert result.exit_code == 0 and "--json" in result.output and "--tiny" not in result.output
+
+
+@pytest.mark.slow
+def test_e2e_bench_renders_songs_of_the_exact_length_on_every_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the bench model is cached under ./checkpoints
+    result = CliRunner().invoke(cli, ["bench", "--e2e", "--json", "--scale", "0.02",
+                                      "--minutes", "0.02", "--batches", "1,2",
+                                      "--paths", "eager", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["shape"]["vocab"] == [130432, 193792] and data["minutes"] == 0.02
+    runs = {(r["batch"], r["residency"], r["path"]) for r in data["results"]}
+    assert runs == {(b, res, "eager") for b in (1, 2) for res in ("keep_loaded", "one_shot")}
+    for r in data["results"]:
+        assert r["tokens_equal_eager"] is True
+        assert r["backbone_s"] > 0 and r["superres_s"] > 0 and r["decode_s"] > 0
+        assert set(r["peak_mem_gb"]) == {"backbone", "superres", "decode"}
+        assert r["songs_per_minute"] > 0
+        # random weights never end a song: every row decodes the whole length
+        assert r["tokens_per_s_all"] == pytest.approx(r["batch"] * r["tokens_per_s_row"],
+                                                      rel=1e-3)
+    model = tmp_path / "checkpoints" / "bench-e2e-0.02" / "model.json"
+    assert json.loads(model.read_text())["demo"] is True  # random weights: noise
+
+
+def test_gpu_check_script_is_valid_shell():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "gpu-check"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if shutil.which("shellcheck"):
+        proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout

@@ -266,7 +266,7 @@ def test_rendered_takes_carry_the_manifest_tags_into_the_export(tmp_path, demo_m
         "model: demo\noutput_dir: out\n"
         "defaults: {max_minutes: 0.05, artist: Demo Band, album: Noise Tests, year: 2025, "
         "genre: Ambient}\njobs:\n"
-        "  - {id: first, title: First Light, tags: [Pop], lyrics: '[verse]\\nhello', "
+        "  - {id: first, title: First Light, tags: [Pop], lyrics: \"[verse]\\nhello\", "
         "seeds: [1], track: 3}\n"
         "  - {id: second, title: Second, mode: instrumental, tags: [Piano], seeds: [2]}\n")
     proc = subprocess.run([sys.executable, "-m", "khala_cli", "render", str(manifest),

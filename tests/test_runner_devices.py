@@ -13,7 +13,6 @@ from khala_cli.runner.devices import (
     GIB,
     Device,
     DeviceError,
-    Footprint,
     Gpu,
     default_batch_size,
     default_residency,
@@ -136,9 +135,7 @@ def test_no_nvidia_smi_means_no_gpus(monkeypatch, tmp_path):
 
 # -- defaults from memory ------------------------------------------------------------------
 
-REAL = Footprint(stage_bytes={"backbone": 3_100_000_000, "superres": 3_300_000_000,
-                              "codec": 300_000_000},
-                 row_bytes=1_500_000_000)
+REAL = model_footprint("/nonexistent")  # the full-size model's figures
 
 
 def _gpu(total_gib: float, free_gib: float | None = None) -> Device:
@@ -164,6 +161,28 @@ def test_batch_size_grows_with_free_memory():
     assert 1 <= small < big <= 16
     assert busy < big
     assert default_batch_size(_gpu(8), REAL, "keep_loaded") == 1  # never below one
+
+
+def test_the_memory_model_of_the_full_size_model_from_its_formula():
+    # KV cache: K and V x 24 layers x 8 KV heads x 64 x 2 bytes, per row per token
+    assert REAL.kv_bytes_per_token == 2 * 24 * 8 * 64 * 2
+    # prompt + max new tokens, capped at max_seq_len
+    assert REAL.context_tokens == min(25600, 4096 + 23552) and REAL.kv_row_bytes == 49152 * 25600
+    # super-res at the real length: (2048 prompt + 11776 frames) x (6 x 2048 + 3 x 5632) x 2
+    assert REAL.superres_row_bytes == 13824 * (6 * 2048 + 3 * 5632) * 2
+    # the codec window: 1920 frames x hop 2048 x 192 channels, 8 live copies, fp32
+    assert REAL.codec_window_bytes == 8 * 1920 * 2048 * 192 * 4
+    assert "KV cache" in REAL.explain() and "codec window" in REAL.explain()
+
+
+def test_peak_is_the_busiest_stage_plus_what_stays_resident():
+    from khala_cli.runner.devices import HEADROOM, needs
+
+    one = needs(REAL, "one_shot", 4)
+    assert one == max(REAL.stage_bytes["backbone"] + 4 * REAL.kv_row_bytes,
+                      REAL.stage_bytes["superres"] + 4 * REAL.superres_row_bytes,
+                      REAL.stage_bytes["codec"] + REAL.codec_window_bytes) + HEADROOM
+    assert needs(REAL, "keep_loaded", 4) > one
 
 
 def test_footprint_of_the_demo_model(demo_model_dir: Path):

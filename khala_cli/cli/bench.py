@@ -19,8 +19,21 @@ from khala_cli.cli import cli
               "the review page of --takes synthetic takes (build, size, load in Chromium).")
 @click.option("--takes", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Takes on the page, with --review.")
+@click.option("--e2e", is_flag=True, help="Instead: complete songs through the render path on "
+              "a model of the real shape with random weights (B=1 and 8, both residencies, "
+              "every decode path).")
+@click.option("--scale", type=click.FloatRange(0.01, 1.0), default=None,
+              help="With --e2e: shrink the model (default 1 on CUDA, 0.125 on the CPU).")
+@click.option("--minutes", type=click.FloatRange(0.01, 9.0), default=None,
+              help="With --e2e: song length (default 3 on CUDA, 0.25 on the CPU).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="With --e2e: weights and activations (default bf16 on CUDA, fp32 on CPU).")
+@click.option("--batches", default="1,8", show_default=True, help="With --e2e: batch sizes.")
+@click.option("--paths", default=None, help="With --e2e: decode paths to run, e.g. eager,compile "
+              "(default: every path the device has).")
 def bench(as_json: bool, device: str, threads: int | None, tiny: bool, review: bool,
-          takes: int) -> None:
+          takes: int, e2e: bool, scale: float | None, minutes: float | None,
+          dtype: str | None, batches: str, paths: str | None) -> None:
     """Measure the engine against naive baselines on a random mid-size model.
 
     Prints our backbone decode vs a naive decode, batch 8 vs batch 1, and super-res at the
@@ -28,6 +41,9 @@ def bench(as_json: bool, device: str, threads: int | None, tiny: bool, review: b
     """
     if review:
         _review(as_json, takes)
+        return
+    if e2e:
+        _e2e(as_json, device, threads, scale, minutes, dtype, batches, paths)
         return
     from khala_cli.engine.bench import MID, TINY, run_bench
 
@@ -70,3 +86,37 @@ def _review(as_json: bool, takes: int) -> None:
                f"{result['page_mb']:.1f} MB; "
                + (f"Chromium: DOM ready {result['page_dom_ready_s']:.2f} s, load event "
                   f"{load:.2f} s" if load is not None else "load time not measured (no Chromium)"))
+
+
+def _e2e(as_json: bool, device: str, threads: int | None, scale: float | None,
+         minutes: float | None, dtype: str | None, batches: str, paths: str | None) -> None:
+    import torch
+
+    from khala_cli.engine.bench_e2e import run_e2e
+
+    if threads:
+        torch.set_num_threads(threads)
+    cuda = device.startswith("cuda")
+    scale = scale if scale is not None else (1.0 if cuda else 0.125)
+    minutes = minutes if minutes is not None else (3.0 if cuda else 0.25)
+    sizes = tuple(int(b) for b in batches.split(",") if b.strip())
+
+    def log(row: dict) -> None:
+        if as_json:
+            return
+        mem = " ".join(f"{k} {v:.2f}" for k, v in row["peak_mem_gb"].items())
+        click.echo(f"  B={row['batch']} {row['residency']:<11} {row['path']:<11} "
+                   f"backbone {row['backbone_s']:7.2f} s  super-res {row['superres_s']:6.2f} s  "
+                   f"decode {row['decode_s']:6.2f} s  load {row['load_s']:5.2f} s | "
+                   f"{row['tokens_per_s_row']:7.1f} tok/s/row {row['tokens_per_s_all']:8.1f} "
+                   f"in all | peak GB {mem} | {row['songs_per_minute']:.2f} songs/min | "
+                   f"tokens equal eager: {row['tokens_equal_eager']}")
+
+    if not as_json:
+        click.echo(f"e2e bench on {device}: scale {scale:g}, {minutes:g}-minute songs "
+                   f"(random weights: noise), batches {sizes}")
+    only = tuple(p.strip() for p in paths.split(",")) if paths else None
+    result = run_e2e(device=device, scale=scale, minutes=minutes, dtype=dtype, batches=sizes,
+                     only_paths=only, log=log)
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))

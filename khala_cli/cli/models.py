@@ -73,12 +73,12 @@ def _planner():
         fp = dv.model_footprint(model)
         dev = dv.Device(name="cuda:0", kind="cuda", index=0, memory_total=total, memory_free=free)
         residency = dv.default_residency(dev, fp)
-        resident = fp.all_bytes if residency == "keep_loaded" else fp.largest_stage
         return DevicePlan(
             residency=residency,
             batch_size=dv.default_batch_size(dev, fp, residency),
-            need_bytes=resident + fp.row_bytes + dv.HEADROOM,
-            one_shot_bytes=fp.largest_stage + fp.row_bytes + dv.HEADROOM,
+            need_bytes=dv.needs(fp, residency, 1),
+            one_shot_bytes=dv.needs(fp, "one_shot", 1),
+            why=fp.explain(),
         )
 
     return plan

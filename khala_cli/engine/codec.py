@@ -181,17 +181,7 @@ class Codec(nn.Module):
         return int(max(1, min(16, budget // max(1, per_window))))
 
     def _activation_bytes(self, frames: int) -> int:
-        # Largest activation of the decoder times the live copies measured at the peak
-        # (about 8 on CPU with the full-size decoder: Snake temporaries, residual branches).
-        cfg = self.config
-        ch = cfg.n_filters * 2 ** len(cfg.rates)
-        length = frames
-        biggest = ch * length
-        for r in cfg.rates:
-            ch //= 2
-            length *= r
-            biggest = max(biggest, ch * length)
-        return 8 * biggest * self.codebooks.element_size()
+        return self.config.window_activation_bytes(frames, self.codebooks.element_size())
 
     @torch.inference_mode()
     def decode_windowed(

@@ -82,6 +82,19 @@ class CodecConfig(_JsonConfig):
             hop *= r
         return hop
 
+    def window_activation_bytes(self, frames: int, dtype_bytes: int = 4) -> int:
+        """Peak activation memory of decoding one window of `frames` frames: the decoder's
+        largest activation times the live copies measured at the peak (about 8 on CPU with
+        the full-size decoder: Snake temporaries, residual branches)."""
+        ch = self.n_filters * 2 ** len(self.rates)
+        length = frames
+        biggest = ch * length
+        for r in self.rates:
+            ch //= 2
+            length *= r
+            biggest = max(biggest, ch * length)
+        return 8 * biggest * dtype_bytes
+
     @property
     def frame_rate(self) -> float:
         return self.sample_rate / self.hop_length

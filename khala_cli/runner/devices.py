@@ -170,12 +170,31 @@ def _gpu_device(g: Gpu) -> Device:
 # Memory: how much a model needs, and what that means for batch size and residency.
 
 
+# Defaults of a full-size model when its directory cannot be read.
+_DEFAULT_WEIGHTS = {"backbone": 3_100_000_000, "superres": 3_300_000_000, "codec": 300_000_000}
+PROMPT_TOKENS = 4096  # the backbone prompt cap (the super-res prompt's is 2048)
+SR_PROMPT_TOKENS = 2048
+MAX_NEW_TOKENS = 23552  # the reference's backbone cap
+
+
 @dataclass(frozen=True)
 class Footprint:
-    """What a model directory needs in device memory, estimated without loading it."""
+    """The written memory model of a model directory, estimated without loading it.
+
+    - weights: each stage's file size (bf16 transformers, fp32 codec);
+    - KV cache: 2 (K, V) x layers x kv_heads x head_dim x dtype bytes per row per token, for
+      the backbone's whole context (prompt + max new tokens, capped at max_seq_len);
+    - super-res activations of one row at the real length (prompt + frames): per token the
+      residual, norm, q, k, v and attention output (6 x hidden) and the MLP's gate, up and
+      product (3 x ffn), in the model dtype (attention scores run in query blocks);
+    - the codec: one window of window_frames frames (CodecConfig.window_activation_bytes).
+    """
 
     stage_bytes: dict[str, int]  # "backbone" | "superres" | "codec" -> weight bytes
-    row_bytes: int  # extra memory for each batch row (KV cache, activations)
+    kv_bytes_per_token: int  # backbone KV cache, per row per token
+    context_tokens: int  # backbone tokens per row at the cap
+    superres_row_bytes: int  # super-res activations of one row at the real length
+    codec_window_bytes: int  # decoding one window
 
     @property
     def all_bytes(self) -> int:
@@ -185,63 +204,93 @@ class Footprint:
     def largest_stage(self) -> int:
         return max(self.stage_bytes.values(), default=0)
 
+    @property
+    def kv_row_bytes(self) -> int:
+        return self.kv_bytes_per_token * self.context_tokens
 
-def _transformer_row_bytes(cfg: dict, dtype_bytes: int) -> int:
-    layers = int(cfg.get("num_layers", 24))
-    kv_heads = int(cfg.get("num_kv_heads", 8))
-    head_dim = int(cfg.get("head_dim", 64))
-    seq = int(cfg.get("max_seq_len", 25600))
-    hidden = int(cfg.get("hidden_size", 2048))
-    ffn = int(cfg.get("ffn_hidden_size", 5632))
-    kv_cache = 2 * layers * kv_heads * head_dim * seq * dtype_bytes
-    activations = seq * (4 * hidden + 2 * ffn) * dtype_bytes
-    return kv_cache + activations
+    @property
+    def row_bytes(self) -> int:
+        """Memory one more batch row needs at the busiest stage."""
+        return max(self.kv_row_bytes, self.superres_row_bytes)
+
+    def explain(self) -> str:
+        w = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.stage_bytes.items())
+        return (f"weights GiB: {w}; per row: KV cache {self.kv_bytes_per_token / 1024:.0f} KiB"
+                f" x {self.context_tokens} tokens = {self.kv_row_bytes / GIB:.2f} GiB, "
+                f"super-res activations {self.superres_row_bytes / GIB:.2f} GiB; codec window "
+                f"{self.codec_window_bytes / GIB:.2f} GiB")
+
+
+def _config(model_dir: Path, name: str) -> dict:
+    try:
+        return json.loads((model_dir / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def model_footprint(model_dir: str | Path, dtype_bytes: int = 2) -> Footprint:
-    """Weights from the files' sizes; per-row memory from the transformer configs.
+    """The memory model of a model directory; one that cannot be read gives the real Khala
+    model's figures (~3 GB per transformer in bf16, 48 KiB of KV cache per row per token)."""
+    from khala_cli.engine.config import CodecConfig
 
-    A directory that cannot be read gives the real Khala model's figures (~3 GB per
-    transformer in bf16, ~1.3 GB of KV cache per row at full context)."""
     model_dir = Path(model_dir)
-    stages = {"backbone": 3_100_000_000, "superres": 3_300_000_000, "codec": 300_000_000}
-    row = 0
+    stages = dict(_DEFAULT_WEIGHTS)
     for stage in stages:
-        f = model_dir / f"{stage}.safetensors"
         try:
-            stages[stage] = f.stat().st_size
+            stages[stage] = (model_dir / f"{stage}.safetensors").stat().st_size
         except OSError:
             pass
-    for stage in ("backbone", "superres"):
-        try:
-            cfg = json.loads((model_dir / f"{stage}.json").read_text())
-        except (OSError, ValueError):
-            cfg = {}
-        row = max(row, _transformer_row_bytes(cfg, dtype_bytes))
-    return Footprint(stage_bytes=stages, row_bytes=row)
+    bb, sr = _config(model_dir, "backbone"), _config(model_dir, "superres")
+    kv = 2 * int(bb.get("num_layers", 24)) * int(bb.get("num_kv_heads", 8)) \
+        * int(bb.get("head_dim", 64)) * dtype_bytes
+    context = min(int(bb.get("max_seq_len", 25600)), PROMPT_TOKENS + MAX_NEW_TOKENS)
+    sr_len = min(int(sr.get("max_seq_len", 25600)), SR_PROMPT_TOKENS + MAX_NEW_TOKENS // 2)
+    sr_row = sr_len * (6 * int(sr.get("hidden_size", 2048))
+                       + 3 * int(sr.get("ffn_hidden_size", 5632))) * dtype_bytes
+    codec_cfg = _config(model_dir, "codec")
+    try:
+        codec = CodecConfig(**{k: (tuple(v) if k == "rates" else v) for k, v in codec_cfg.items()})
+    except TypeError:
+        codec = CodecConfig()
+    window = codec.window_activation_bytes(codec.window_frames)
+    return Footprint(stage_bytes=stages, kv_bytes_per_token=kv, context_tokens=context,
+                     superres_row_bytes=sr_row, codec_window_bytes=window)
 
 
-HEADROOM = 2 * GIB  # CUDA context, allocator slack, the codec's windows
+HEADROOM = 2 * GIB  # CUDA context and allocator slack
+
+
+def _needs(fp: Footprint, residency: str, rows: int) -> int:
+    """Peak device memory of a render of `rows` rows: the busiest stage, with what stays
+    resident beside it (keep_loaded: every stage's weights)."""
+    stages = {"backbone": rows * fp.kv_row_bytes, "superres": rows * fp.superres_row_bytes,
+              "codec": fp.codec_window_bytes}
+    if residency == "keep_loaded":
+        return fp.all_bytes + max(stages.values()) + HEADROOM
+    return max(fp.stage_bytes[s] + extra for s, extra in stages.items()) + HEADROOM
 
 
 def default_residency(device: Device, footprint: Footprint) -> str:
     """keep_loaded when all three models and one row fit, else one_shot."""
     if device.kind != "cuda" or not device.memory_total:
         return "keep_loaded"
-    need = footprint.all_bytes + footprint.row_bytes + HEADROOM
-    return "keep_loaded" if need <= device.memory_total else "one_shot"
+    return ("keep_loaded" if _needs(footprint, "keep_loaded", 1) <= device.memory_total
+            else "one_shot")
 
 
 def default_batch_size(device: Device, footprint: Footprint, residency: str) -> int:
-    """1 on a CPU; on a GPU, as many rows as its free memory holds after the weights."""
+    """1 on a CPU; on a GPU, the most rows (up to MAX_BATCH) whose peak fits its free memory."""
     if device.kind != "cuda":
         return 1
     budget = device.memory_free or device.memory_total
-    resident = footprint.all_bytes if residency == "keep_loaded" else footprint.largest_stage
-    spare = budget - resident - HEADROOM
-    if footprint.row_bytes <= 0:
-        return 1
-    return max(1, min(MAX_BATCH, int(spare // int(footprint.row_bytes * 1.25))))
+    rows = 1
+    while rows < MAX_BATCH and _needs(footprint, residency, rows + 1) <= budget:
+        rows += 1
+    return rows
+
+
+def needs(footprint: Footprint, residency: str, rows: int) -> int:
+    return _needs(footprint, residency, rows)
 
 
 @dataclass(frozen=True)

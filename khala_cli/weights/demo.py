@@ -69,13 +69,14 @@ def build_tokenizer():
     return tok
 
 
-def _transformer_config(vocab_size: int):
+DEMO_SIZES = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+              "head_dim": 8, "ffn_hidden_size": 64}
+
+
+def _transformer_config(vocab_size: int, sizes: dict | None = None):
     from khala_cli.engine.config import TransformerConfig
 
-    return TransformerConfig(
-        vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-        head_dim=8, ffn_hidden_size=64,
-    )
+    return TransformerConfig(vocab_size=vocab_size, **(sizes or DEMO_SIZES))
 
 
 def _codec_config():
@@ -160,6 +161,15 @@ def build_demo(path: str | Path) -> Path:
     renamed into place. If `path` already holds a model (another process won a race), it is
     left as it is.
     """
+    return build_random_model(path, name=DEMO_NAME, source=DEMO_SOURCE, demo=True)
+
+
+def build_random_model(path: str | Path, *, name: str, source: str, demo: bool,
+                       sizes: dict | None = None, vocab: tuple[int, int] | None = None,
+                       codec=None) -> Path:
+    """A model directory of random weights from SEED whose backbone never ends a song:
+    transformer `sizes` (TransformerConfig fields; default the demo's), `vocab` (backbone,
+    super-res rows; default the layout's), `codec` (CodecConfig; default the demo's)."""
     import torch
 
     from khala_cli.engine.modeldir import ModelDirError, save_model_dir
@@ -171,20 +181,21 @@ def build_demo(path: str | Path) -> Path:
     tok = build_tokenizer()
     lay = TokenLayout.from_tokenizer(tok, NUM_QUANTIZERS, CODEBOOK_SIZE)
     gen = torch.Generator().manual_seed(SEED)
-    bb_cfg = _transformer_config(lay.backbone_vocab)
-    sr_cfg = _transformer_config(lay.superres_vocab)
-    codec_cfg = _codec_config()
+    bb_vocab, sr_vocab = vocab or (lay.backbone_vocab, lay.superres_vocab)
+    bb_cfg = _transformer_config(bb_vocab, sizes)
+    sr_cfg = _transformer_config(sr_vocab, sizes)
+    codec_cfg = codec or _codec_config()
     bb = _transformer_weights(bb_cfg, gen, lay.end_of_song_id)
     sr = _transformer_weights(sr_cfg, gen, None)
-    codec = _codec_weights(codec_cfg, gen)
+    codec_w = _codec_weights(codec_cfg, gen)
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.tok-", dir=path.parent))
     try:
         tok.save(str(scratch / "tokenizer.json"), pretty=True)
         save_model_dir(
-            path, name=DEMO_NAME, backbone=(bb_cfg, bb), superres=(sr_cfg, sr),
-            codec=(codec_cfg, codec), tokenizer_src=scratch / "tokenizer.json", demo=True,
-            source=DEMO_SOURCE, transformer_dtype=torch.bfloat16,
+            path, name=name, backbone=(bb_cfg, bb), superres=(sr_cfg, sr),
+            codec=(codec_cfg, codec_w), tokenizer_src=scratch / "tokenizer.json", demo=demo,
+            source=source, transformer_dtype=torch.bfloat16,
         )
     except ModelDirError:
         if not (path / "model.json").exists():

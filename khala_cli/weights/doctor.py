@@ -48,6 +48,7 @@ class DevicePlan:
     batch_size: int  # the runner's default batch size
     need_bytes: int  # memory that default needs with one row (weights + row + headroom)
     one_shot_bytes: int  # memory one_shot needs with one row (the floor for rendering)
+    why: str = ""  # the memory model's terms behind the choice
 
 
 # (device total bytes, free bytes, model dir) -> DevicePlan, or None when no model is known
@@ -271,7 +272,9 @@ def check_devices(probe: dict[str, Any], model: Path | None, planner: Planner | 
         if d["free"] >= plan.need_bytes:
             what = ("keep_loaded residency (all three models resident)" if plan.residency == "keep_loaded"
                     else "one_shot residency (one stage resident at a time)")
-            out.append(Finding(OK, name, f"{mem}: {what}, batch size {plan.batch_size}"))
+            why = f" (peak with one row {plan.need_bytes / GIB:.1f} GiB; {plan.why})" \
+                if plan.why else ""
+            out.append(Finding(OK, name, f"{mem}: {what}, batch size {plan.batch_size}{why}"))
         elif d["free"] >= plan.one_shot_bytes:
             out.append(Finding(WARNING, name, f"{mem}: only one_shot residency fits in the free memory, "
                                               f"batch size 1", "other processes hold GPU memory: free it "

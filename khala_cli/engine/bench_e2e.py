@@ -1,0 +1,171 @@
+"""`khala bench --e2e`: complete songs through `Pipeline.render` (the path `khala render`'s
+workers take) on a model of the real Khala shape with random weights.
+
+The model: hidden 2048, 24 layers, 32 heads, 8 KV groups, head_dim 64, ffn 5632, the real
+vocab sizes (130432 backbone rows, 193792 super-res rows) and the real codec (latent 128,
+192 filters, rates 8-8-8-4, stereo), built once under `checkpoints/bench-e2e-<scale>/`.
+`scale` < 1 shrinks the widths, the layer count and the codec for a CPU (the vocab sizes stay
+real). Random weights never emit end-of-song (weights/demo.py arranges it), so every song is
+exactly `minutes` long: 2584 backbone tokens a minute.
+
+It renders B=1 and B=8, keep_loaded and one_shot, on every decode path the device has
+(eager, compile; CUDA graphs on CUDA), and reports seconds per stage and for loading,
+backbone tokens/s per row and in all, the peak memory of each stage (CUDA: allocated; CPU:
+the process's resident set), songs per device-minute, and whether the backbone tokens equal
+eager's at the same batch size.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from khala_cli.engine.pipeline import TOKENS_PER_MINUTE, Pipeline, Request
+
+REAL_SIZES = {"hidden_size": 2048, "num_layers": 24, "num_heads": 32, "num_kv_heads": 8,
+              "head_dim": 64, "ffn_hidden_size": 5632}
+REAL_VOCAB = (130432, 193792)
+WARMUP_MINUTES = 0.02  # ~52 backbone tokens
+STAGE_OF = {"loading_backbone": "backbone", "backbone": "backbone",
+            "loading_superres": "superres", "superres": "superres",
+            "loading_decoder": "decode", "decoding": "decode"}
+
+
+def shape(scale: float) -> dict[str, Any]:
+    """Transformer sizes and codec numbers of the real model shrunk by `scale`."""
+    heads = max(2, round(32 * scale))
+    kv = max(1, round(8 * scale))
+    heads -= heads % kv
+    return {"sizes": {"hidden_size": heads * 64, "num_layers": max(2, round(24 * scale)),
+                      "num_heads": heads, "num_kv_heads": kv, "head_dim": 64,
+                      "ffn_hidden_size": max(64, round(5632 * scale))},
+            "codec": {"latent_dim": max(8, round(128 * scale)),
+                      "n_filters": max(2, round(192 * scale))}}
+
+
+def model_dir(scale: float, root: Path = Path("checkpoints")) -> Path:
+    """The bench model of this scale, built on first use (random, untrained: noise)."""
+    from khala_cli.engine.config import CodecConfig
+    from khala_cli.weights.demo import _codec_config, build_random_model
+
+    sh = shape(scale)
+    base = _codec_config()
+    codec = CodecConfig(**{**asdict(base), **sh["codec"], "rates": (8, 8, 8, 4)})
+    name = f"bench-e2e-{scale:g}"
+    return build_random_model(
+        root / name, name=f"{name} (random weights, untrained: renders noise)",
+        source="khala_cli.engine.bench_e2e: the real Khala shape with random weights",
+        demo=True, sizes=sh["sizes"], vocab=REAL_VOCAB, codec=codec)
+
+
+@dataclass
+class Peaks:
+    """Peak memory (GB) per stage: CUDA allocations, or the CPU process's resident set."""
+
+    device: torch.device
+    stage: str = "backbone"
+    peaks: dict[str, float] = field(default_factory=dict)
+    _stop: bool = False
+
+    def phase(self, phase: str) -> None:
+        stage = STAGE_OF.get(phase, self.stage)
+        if stage != self.stage:
+            self._record()
+            self.stage = stage
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _record(self, now: float | None = None) -> None:
+        if now is None and self.device.type == "cuda":
+            now = torch.cuda.max_memory_allocated(self.device) / 1e9
+        if now is not None:
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), now)
+
+    def _sample(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop:
+            self._record(proc.memory_info().rss / 1e9)
+            time.sleep(0.05)
+
+    def __enter__(self) -> Peaks:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            threading.Thread(target=self._sample, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop = True
+        self._record()
+
+
+def paths(device: torch.device) -> list[str]:
+    return ["eager", "compile"] + (["cuda_graphs"] if device.type == "cuda" else [])
+
+
+def one_run(mdir: Path, device: str, dtype: str | None, batch: int, residency: str,
+            path: str, minutes: float) -> tuple[dict[str, Any], list]:
+    opts = {"compile": path == "compile", "cuda_graphs": path == "cuda_graphs"}
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_dir(mdir, device=device, dtype=dtype, residency=residency,
+                             backbone_options=opts)
+    ids = pipe.tokenizer.encode("[verse] la la la").ids
+    tokens = int(round(TOKENS_PER_MINUTE * minutes))
+    req = Request(backbone_ids=ids[:64] or [1], superres_ids=ids[:64] or [1],
+                  seeds=list(range(1, batch + 1)), max_new_tokens=tokens,
+                  duration=max(1, min(10, round(minutes))))
+    with Peaks(pipe.device) as peaks:
+        (takes,) = pipe.render([req], progress=lambda ph, d, t, x: peaks.phase(ph))
+    wall = time.perf_counter() - t0
+    tm = takes[0].timings
+    row = {"batch": batch, "residency": residency, "path": path,
+           "backbone_s": round(tm["backbone_s"], 2), "superres_s": round(tm["superres_s"], 2),
+           "decode_s": round(tm["decode_s"], 2), "load_s": round(tm["load_s"], 2),
+           "wall_s": round(wall, 2),
+           "tokens_per_s_row": round(takes[0].backbone_tokens / max(tm["backbone_s"], 1e-9), 1),
+           "tokens_per_s_all": round(batch * takes[0].backbone_tokens
+                                     / max(tm["backbone_s"], 1e-9), 1),
+           "peak_mem_gb": {k: round(v, 2) for k, v in peaks.peaks.items()},
+           "songs_per_minute": round(batch * 60.0 / wall, 3)}
+    return row, [t.codes[:2] for t in takes]
+
+
+def run_e2e(*, device: str = "cpu", scale: float = 1.0, minutes: float = 3.0,
+            dtype: str | None = None, batches: tuple[int, ...] = (1, 8),
+            residencies: tuple[str, ...] = ("keep_loaded", "one_shot"),
+            only_paths: tuple[str, ...] | None = None, log=None) -> dict[str, Any]:
+    dev = torch.device(device)
+    mdir = model_dir(scale)
+    results, eager_codes = [], {}
+    for path in [p for p in paths(dev) if not only_paths or p in only_paths]:
+        for batch in batches:
+            # One short untimed render first: compilation, graph capture and first-use costs
+            # are reported as warmup_s, not mixed into the song's stages.
+            t = time.perf_counter()
+            one_run(mdir, device, dtype, batch, residencies[0], path, WARMUP_MINUTES)
+            warmup = round(time.perf_counter() - t, 2)
+            for residency in residencies:
+                row, codes = one_run(mdir, device, dtype, batch, residency, path, minutes)
+                row["warmup_s"] = warmup
+                key = batch
+                if path == "eager" and key not in eager_codes:
+                    eager_codes[key] = codes
+                row["tokens_equal_eager"] = all(
+                    bool((a == b).all()) for a, b in zip(codes, eager_codes[key], strict=True))
+                results.append(row)
+                if log:
+                    log(row)
+    sh = shape(scale)
+    return {"device": str(dev if dev.type != "cuda" else torch.cuda.get_device_name(dev)),
+            "shape": {**sh["sizes"], "vocab": list(REAL_VOCAB), **sh["codec"],
+                      "scale": scale},
+            "minutes": minutes, "dtype": dtype or ("bfloat16" if dev.type == "cuda"
+                                                   else "float32"),
+            "results": results}
