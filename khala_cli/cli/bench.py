@@ -26,8 +26,8 @@ from khala_cli.cli import cli
               help="With --e2e: shrink the model (default 1 on CUDA, 0.125 on the CPU).")
 @click.option("--minutes", type=click.FloatRange(0.01, 9.0), default=None,
               help="With --e2e: song length (default 3 on CUDA, 0.25 on the CPU).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
-              help="With --e2e: weights and activations (default bf16 on CUDA, fp32 on CPU).")
+@click.option("--dtype", default=None, help="With --e2e: float32, bfloat16, or both "
+              "(float32,bfloat16) to compare in one run (default bf16 on CUDA, fp32 on CPU).")
 @click.option("--batches", default="1,8", show_default=True, help="With --e2e: batch sizes.")
 @click.option("--paths", default=None, help="With --e2e: decode paths to run, e.g. eager,compile "
               "(default: every path the device has).")
@@ -105,7 +105,7 @@ def _e2e(as_json: bool, device: str, threads: int | None, scale: float | None,
         if as_json:
             return
         mem = " ".join(f"{k} {v:.2f}" for k, v in row["peak_mem_gb"].items())
-        click.echo(f"  B={row['batch']} {row['residency']:<11} {row['path']:<11} "
+        click.echo(f"  {row['dtype']:<8} B={row['batch']} {row['residency']:<11} {row['path']:<11} "
                    f"backbone {row['backbone_s']:7.2f} s  super-res {row['superres_s']:6.2f} s  "
                    f"decode {row['decode_s']:6.2f} s  load {row['load_s']:5.2f} s | "
                    f"{row['tokens_per_s_row']:7.1f} tok/s/row {row['tokens_per_s_all']:8.1f} "
@@ -116,7 +116,11 @@ def _e2e(as_json: bool, device: str, threads: int | None, scale: float | None,
         click.echo(f"e2e bench on {device}: scale {scale:g}, {minutes:g}-minute songs "
                    f"(random weights: noise), batches {sizes}")
     only = tuple(p.strip() for p in paths.split(",")) if paths else None
-    result = run_e2e(device=device, scale=scale, minutes=minutes, dtype=dtype, batches=sizes,
+    dtypes = tuple(d.strip() for d in dtype.split(",")) if dtype else (None,)
+    bad = [d for d in dtypes if d not in (None, "float32", "bfloat16")]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r}: use float32, bfloat16 or both", param_hint="--dtype")
+    result = run_e2e(device=device, scale=scale, minutes=minutes, dtypes=dtypes, batches=sizes,
                      only_paths=only, log=log)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))

@@ -138,34 +138,32 @@ def one_run(mdir: Path, device: str, dtype: str | None, batch: int, residency: s
 
 
 def run_e2e(*, device: str = "cpu", scale: float = 1.0, minutes: float = 3.0,
-            dtype: str | None = None, batches: tuple[int, ...] = (1, 8),
+            dtypes: tuple[str | None, ...] = (None,), batches: tuple[int, ...] = (1, 8),
             residencies: tuple[str, ...] = ("keep_loaded", "one_shot"),
             only_paths: tuple[str, ...] | None = None, log=None) -> dict[str, Any]:
     dev = torch.device(device)
     mdir = model_dir(scale)
     results, eager_codes = [], {}
-    for path in [p for p in paths(dev) if not only_paths or p in only_paths]:
-        for batch in batches:
-            # One short untimed render first: compilation, graph capture and first-use costs
-            # are reported as warmup_s, not mixed into the song's stages.
-            t = time.perf_counter()
-            one_run(mdir, device, dtype, batch, residencies[0], path, WARMUP_MINUTES)
-            warmup = round(time.perf_counter() - t, 2)
-            for residency in residencies:
-                row, codes = one_run(mdir, device, dtype, batch, residency, path, minutes)
-                row["warmup_s"] = warmup
-                key = batch
-                if path == "eager" and key not in eager_codes:
-                    eager_codes[key] = codes
-                row["tokens_equal_eager"] = all(
-                    bool((a == b).all()) for a, b in zip(codes, eager_codes[key], strict=True))
-                results.append(row)
-                if log:
-                    log(row)
+    default = "bfloat16" if dev.type == "cuda" else "float32"
+    for dtype in (d or default for d in dtypes):
+        for path in [p for p in paths(dev) if not only_paths or p in only_paths]:
+            for batch in batches:
+                # One short untimed render first: compilation, graph capture and first-use
+                # costs are reported as warmup_s, not mixed into the song's stages.
+                t = time.perf_counter()
+                one_run(mdir, device, dtype, batch, residencies[0], path, WARMUP_MINUTES)
+                warmup = round(time.perf_counter() - t, 2)
+                for residency in residencies:
+                    row, codes = one_run(mdir, device, dtype, batch, residency, path, minutes)
+                    ref = eager_codes.setdefault((dtype, batch), codes)  # eager runs first
+                    row.update(dtype=dtype, warmup_s=warmup, tokens_equal_eager=all(
+                        bool((a == b).all()) for a, b in zip(codes, ref, strict=True)))
+                    results.append(row)
+                    if log:
+                        log(row)
     sh = shape(scale)
     return {"device": str(dev if dev.type != "cuda" else torch.cuda.get_device_name(dev)),
             "shape": {**sh["sizes"], "vocab": list(REAL_VOCAB), **sh["codec"],
                       "scale": scale},
-            "minutes": minutes, "dtype": dtype or ("bfloat16" if dev.type == "cuda"
-                                                   else "float32"),
+            "minutes": minutes, "dtypes": sorted({r["dtype"] for r in results}),
             "results": results}
