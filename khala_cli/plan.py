@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,17 +122,69 @@ def build_renders(manifest: Manifest, fingerprint: str, *, output_dir: str | Pat
     return renders
 
 
-def parse_shard(spec: str) -> tuple[int, int]:
-    """"K/N" -> (K, N), 0 <= K < N (K is $SLURM_ARRAY_TASK_ID or $JOB_COMPLETION_INDEX)."""
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec or "")
+SHARD_COUNT_ENV = "KHALA_SHARD_COUNT"  # the shard count of a Kubernetes Indexed Job
+
+
+def parse_shard(spec: str, env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """"K/N" -> (K, N), 0 <= K < N. "auto" or "auto/N": K (and N) from the engine that
+    started this task: a Slurm job array (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, of
+    SLURM_ARRAY_TASK_COUNT) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, of N or
+    $KHALA_SHARD_COUNT). ValueError says what is missing or inconsistent."""
+    text = (spec or "").strip()
+    if text == "auto" or text.startswith("auto/"):
+        return _auto_shard(text, os.environ if env is None else env)
+    m = re.fullmatch(r"(\d+)\s*/\s*(\d+)", text)
     if not m:
-        raise ValueError(f"--shard {spec!r}: expected K/N, e.g. 3/16 (K counts from 0)")
-    k, n = int(m.group(1)), int(m.group(2))
+        raise ValueError(f"--shard {spec!r}: expected K/N, e.g. 3/16 (K counts from 0), "
+                         "or auto (Slurm arrays, Kubernetes Indexed Jobs)")
+    return _checked_shard(f"--shard {spec!r}", int(m.group(1)), int(m.group(2)))
+
+
+def _checked_shard(what: str, k: int, n: int) -> tuple[int, int]:
     if n < 1:
-        raise ValueError(f"--shard {spec!r}: N must be at least 1")
+        raise ValueError(f"{what}: N must be at least 1")
     if not 0 <= k < n:
-        raise ValueError(f"--shard {spec!r}: K must be in 0..{n - 1} (K counts from 0)")
+        raise ValueError(f"{what}: K must be in 0..{n - 1} (K counts from 0), got {k}")
     return k, n
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    if not value.strip().isdigit():
+        raise ValueError(f"--shard auto: ${name} is {value!r}, not a whole number")
+    return int(value)
+
+
+def _auto_shard(text: str, env: Mapping[str, str]) -> tuple[int, int]:
+    given = None
+    if text != "auto":
+        count = text.removeprefix("auto/").strip()
+        if not count.isdigit():
+            raise ValueError(f"--shard {text!r}: expected auto or auto/N")
+        given = int(count)
+    slurm_id = _env_int(env, "SLURM_ARRAY_TASK_ID")
+    k8s_index = _env_int(env, "JOB_COMPLETION_INDEX")
+    if slurm_id is not None:
+        k = slurm_id - (_env_int(env, "SLURM_ARRAY_TASK_MIN") or 0)
+        n = _env_int(env, "SLURM_ARRAY_TASK_COUNT")
+        where = "the Slurm array"
+    elif k8s_index is not None:
+        k, n = k8s_index, _env_int(env, SHARD_COUNT_ENV)
+        where = "the Kubernetes Indexed Job"
+    else:
+        raise ValueError("--shard auto: no task index found: set by a Slurm job array "
+                         "($SLURM_ARRAY_TASK_ID) or a Kubernetes Indexed Job "
+                         "($JOB_COMPLETION_INDEX); elsewhere give --shard K/N")
+    if given is not None and n is not None and n != given:
+        raise ValueError(f"--shard {text}: {where} says {n} tasks, not {given}")
+    n = given if n is None else n
+    if n is None:
+        raise ValueError(f"--shard auto: {where} gives no task count: use --shard auto/N or "
+                         f"set ${SHARD_COUNT_ENV}")
+    return _checked_shard(f"--shard {text} ({where}: task {k} of {n}; Slurm arrays must be "
+                          "contiguous, e.g. --array=0-15)", k, n)
 
 
 def shard_of(render: Render, n: int) -> int:

@@ -216,3 +216,76 @@ def test_plan_command_errors(project):
     r = CliRunner().invoke(cli, ["plan", str(project), "--model", str(project.parent / "nope")])
     assert r.exit_code == 3 and "does not exist" in r.output
     assert not (project.parent / "out").exists()
+
+
+SLURM = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "2", "SLURM_ARRAY_TASK_COUNT": "8"}
+
+
+@pytest.mark.parametrize("spec,env,ok", [
+    ("auto", SLURM, (3, 8)),
+    ("auto/8", SLURM, (3, 8)),
+    ("auto", {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "4"}, (0, 4)),
+    ("auto/6", {"JOB_COMPLETION_INDEX": "5"}, (5, 6)),
+    ("auto", {"JOB_COMPLETION_INDEX": "2", "KHALA_SHARD_COUNT": "3"}, (2, 3)),
+])
+def test_shard_auto_reads_the_engine_that_started_the_task(spec, env, ok):
+    assert pl.parse_shard(spec, env) == ok
+
+
+@pytest.mark.parametrize("spec,env,msg", [
+    ("auto", {}, "no task index found"),
+    ("auto/9", SLURM, "says 8 tasks, not 9"),
+    ("auto", {"JOB_COMPLETION_INDEX": "2"}, "no task count"),
+    ("auto", {"JOB_COMPLETION_INDEX": "7", "KHALA_SHARD_COUNT": "4"}, "K must be in 0..3"),
+    ("auto", {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "2"}, "not a whole number"),
+    ("auto/x", SLURM, "expected auto or auto/N"),
+])
+def test_shard_auto_refuses_missing_or_inconsistent_variables(spec, env, msg):
+    with pytest.raises(ValueError, match=msg):
+        pl.parse_shard(spec, env)
+
+
+def test_shard_auto_through_the_cli_exits_2_without_an_engine(project, monkeypatch):
+    for k in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
+        monkeypatch.delenv(k, raising=False)
+    r = CliRunner().invoke(cli, ["plan", str(project), "--shard", "auto"])
+    assert r.exit_code == 2 and "no task index found" in r.output
+
+
+def test_the_shipped_cluster_examples_run_what_khala_reads(project, monkeypatch):
+    """The Slurm script and the Kubernetes Job use --shard auto with variables khala reads;
+    the Slurm task's command plans its own shard."""
+    import shlex
+    import shutil
+    import subprocess
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    sbatch = (root / "deploy" / "slurm" / "render.sbatch").read_text()
+    line = next(x for x in sbatch.splitlines() if x.startswith("exec khala render"))
+    words = shlex.split(line)[2:]
+    assert words[words.index("--shard") + 1] == "auto"
+    if shutil.which("shellcheck"):
+        assert subprocess.run(["shellcheck", str(root / "deploy/slurm/render.sbatch")]
+                              ).returncode == 0
+    job = yaml.safe_load((root / "deploy" / "kubernetes" / "render-job.yaml").read_text())
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    (container,) = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert int(env[pl.SHARD_COUNT_ENV]) == spec["completions"]
+    assert container["command"][container["command"].index("--shard") + 1] == "auto"
+    # what one pod and one Slurm task would plan
+    shards = set()
+    for index in range(spec["completions"]):
+        k8s = {"JOB_COMPLETION_INDEX": str(index), **env}
+        shards.add(pl.parse_shard("auto", k8s))
+    assert shards == {(k, 8) for k in range(8)}
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    auto = CliRunner().invoke(cli, ["plan", str(project), "--shard", "auto", "--json"])
+    explicit = CliRunner().invoke(cli, ["plan", str(project), "--shard", "1/2", "--json"])
+    assert auto.exit_code == 0, auto.output
+    whole = CliRunner().invoke(cli, ["plan", str(project), "--json"])
+    assert auto.output == explicit.output != whole.output

@@ -173,7 +173,8 @@ def validate(manifest: Path, model: str | None, max_renders: int) -> None:
 @click.option("--force", is_flag=True, help="Plan to re-render renders that are done.")
 @click.option("--only", multiple=True, metavar="JOB_ID", help="Only these jobs (repeatable, "
               "or comma-separated).")
-@click.option("--shard", metavar="K/N", help="Only the renders of shard K of N (K from 0).")
+@click.option("--shard", metavar="K/N|auto", help="Only the renders of shard K of N (K from 0; "
+              "auto: from a Slurm array or a Kubernetes Indexed Job).")
 @click.option("--save-codes", is_flag=True, help="Plan as `render --save-codes` would.")
 @click.option("--max-renders", type=click.IntRange(min=1), default=10_000, show_default=True)
 def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path | None,
@@ -268,8 +269,8 @@ def tags(as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Re-render renders that are already done.")
 @click.option("--only", multiple=True, metavar="JOB_ID",
               help="Only these jobs (repeatable, or comma-separated).")
-@click.option("--shard", metavar="K/N", help="Only shard K of N (K from 0): for Slurm arrays "
-              "($SLURM_ARRAY_TASK_ID) and Kubernetes indexed jobs ($JOB_COMPLETION_INDEX). "
+@click.option("--shard", metavar="K/N|auto", help="Only shard K of N (K from 0). `auto` reads "
+              "K and N from a Slurm job array or a Kubernetes Indexed Job (`auto/N` gives N). "
               "Every render belongs to exactly one shard, decided by its key.")
 @click.option("--devices", default="auto", show_default=True, metavar="SPEC",
               help="auto (every visible GPU, else the CPU), cpu, cpu:N, or GPU ids like 0,1,3.")
