@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-FRAME_RATE = 44100 / 2048  # codec frames per second (21.53)
+from khala_cli.model_numbers import FRAME_RATE  # noqa: F401 - used by the review bench
+
 SILENCE_WINDOW_S = 0.1
 REPETITION_WINDOW = 8  # q0 frames (0.37 s) per compared stretch
 PEAKS = 120  # waveform points kept for the review page

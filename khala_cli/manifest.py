@@ -31,31 +31,33 @@ from typing import Any
 
 import yaml
 
+from khala_cli.model_numbers import (  # noqa: F401 - the manifest's controls, re-exported
+    DEFAULT_DURATION,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K_BB,
+    DEFAULT_TOP_K_SR,
+    DURATION_RANGE,
+    MAX_MINUTES_RANGE,
+    MAX_NEW_TOKENS,
+    MODES,
+    PROMPT_MODES,
+    SEED_RANGE,
+    TEMPERATURE_RANGE,
+    TOKENS_PER_MINUTE,
+    TOP_K_BB_RANGE,
+    TOP_K_SR_RANGE,
+    est_minutes,
+    max_new_tokens,
+)
 from khala_cli.prompt import clean_lyrics
 
 # -- ranges and constants (the reference's controls) -----------------------------------------
 
-DURATION_RANGE = (1, 10)  # whole minutes: selects the model's duration token
-TOP_K_BB_RANGE = (1, 200)
-TOP_K_SR_RANGE = (1, 1024)
-TEMPERATURE_RANGE = (0.6, 1.4)
-MAX_MINUTES_RANGE = (0.05, 10.0)
-SEED_RANGE = (0, 2**32 - 1)
 TRACK_RANGE = (1, 999)
 YEAR_RANGE = (1000, 9999)
 MAX_RENDERS = 10_000
 
-DEFAULT_DURATION = 3
-DEFAULT_TOP_K_BB = 80
-DEFAULT_TOP_K_SR = 10
-DEFAULT_TEMPERATURE = 1.0
 DEFAULT_SEEDS = (1,)
-
-TOKENS_PER_MINUTE = 2584  # backbone tokens per minute of audio (21.5 frames/s x 2 x 60)
-MAX_NEW_TOKENS = 23552  # the reference's backbone cap (~9.1 minutes)
-
-MODES = ("vocal", "instrumental")
-PROMPT_MODES = ("tags", "natural")
 
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 ID_MAX_LEN = 100
@@ -137,8 +139,7 @@ class Job:
 
     @property
     def est_minutes(self) -> float:
-        """Rough audio length of one take: the duration token, cut by max_minutes."""
-        return min(float(self.duration), self.max_new_tokens / TOKENS_PER_MINUTE)
+        return est_minutes(self.duration, self.max_new_tokens)
 
 
 @dataclass
@@ -164,15 +165,6 @@ class Manifest:
             if j.id == job_id:
                 return j
         raise KeyError(job_id)
-
-
-def max_new_tokens(max_minutes: float | None) -> int:
-    """Backbone token cap for a length cap in minutes (even: one q0,q1 pair per frame)."""
-    if max_minutes is None:
-        return MAX_NEW_TOKENS
-    tokens = int(round(max_minutes * TOKENS_PER_MINUTE))
-    tokens -= tokens % 2
-    return max(2, min(MAX_NEW_TOKENS, tokens))
 
 
 # -- the tag catalogue -----------------------------------------------------------------------

@@ -30,10 +30,11 @@ import numpy as np
 
 from khala_cli import __version__
 from khala_cli.analysis import analyse
+from khala_cli.model_numbers import FRAME_RATE, NUM_QUANTIZERS, SAMPLE_RATE
 from khala_cli.plan import Render
 
 MP3_BITRATE = "320k"
-MP3_SAMPLE_RATE = 44100
+MP3_SAMPLE_RATE = SAMPLE_RATE
 TMP_PREFIX = ".tmp-"  # temporary files: .tmp-<stem>.<suffix>.<random>
 DEMO_NOTE = "demo model: untrained, renders noise (not music)"
 
@@ -46,7 +47,7 @@ os.umask(_UMASK)
 # person acts, so the run stops handing out work (runner) instead of retrying.
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 # Bytes per audio minute: 24-bit stereo 44.1 kHz WAV, and a 320 kb/s MP3.
-WAV_BYTES_PER_MINUTE = 44100 * 2 * 3 * 60
+WAV_BYTES_PER_MINUTE = SAMPLE_RATE * 2 * 3 * 60
 MP3_BYTES_PER_MINUTE = 320_000 // 8 * 60
 
 
@@ -63,7 +64,7 @@ class OutputError(Exception):
 
 def bytes_per_take(minutes: float, save_codes: bool = False) -> int:
     """Disk one take needs: WAV + MP3 (+ codes: 64 x 21.5 frames/s x 2 bytes)."""
-    codes = 64 * 2 * 44100 / 2048 * 60 if save_codes else 0
+    codes = NUM_QUANTIZERS * 2 * FRAME_RATE * 60 if save_codes else 0
     return int(minutes * (WAV_BYTES_PER_MINUTE + MP3_BYTES_PER_MINUTE + codes)) + 16_384
 
 

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from khala_cli.manifest import TOKENS_PER_MINUTE, Job, Manifest, job_dir
+from khala_cli import model_numbers as mn
+from khala_cli.manifest import Job, Manifest, job_dir
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Render:
     top_k_bb: int = 80
     top_k_sr: int = 10
     temperature: float = 1.0
-    max_new_tokens: int = 23552  # backbone cap, from max_minutes
+    max_new_tokens: int = mn.MAX_NEW_TOKENS  # backbone cap, from max_minutes
     save_codes: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -232,7 +233,7 @@ class Plan:
 
 def est_minutes(render: Render) -> float:
     """Rough audio length of a take: its duration token, cut by its token cap."""
-    return min(float(render.duration), render.max_new_tokens / TOKENS_PER_MINUTE)
+    return mn.est_minutes(render.duration, render.max_new_tokens)
 
 
 def _sidecar_key(render: Render) -> str | None:

@@ -8,6 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from khala_cli.model_numbers import (  # noqa: F401 - MODES, PROMPT_MODES re-exported
+    BACKBONE_MAX_PROMPT,
+    MODES,
+    PROMPT_MODES,
+    SUPERRES_MAX_PROMPT,
+)
+
 BOS = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
 NO_USE = "<|finetune_right_pad_id|>"
@@ -16,12 +23,6 @@ BOL = "<|start_header_id|>"
 END_OF_LINE = "<|end_header_id|>"
 EOT = "<|eot_id|>"
 BOA = "<|python_tag|>"
-
-BACKBONE_MAX_PROMPT = 4096
-SUPERRES_MAX_PROMPT = 2048
-
-MODES = ("vocal", "instrumental")
-PROMPT_MODES = ("tags", "natural")
 
 
 def duration_token(minutes: int) -> str:

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from khala_cli.engine.pipeline import TOKENS_PER_MINUTE, Pipeline, Request
+from khala_cli.engine.pipeline import Pipeline, Request
+from khala_cli.model_numbers import TOKENS_PER_MINUTE
 
 REAL_SIZES = {"hidden_size": 2048, "num_layers": 24, "num_heads": 32, "num_kv_heads": 8,
               "head_dim": 64, "ffn_hidden_size": 5632}

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from khala_cli import model_numbers as mn
 from khala_cli.engine import modeldir
 from khala_cli.engine.backbone import BackboneRow, generate_rows
 from khala_cli.engine.config import CodecConfig, ModelInfo
@@ -26,7 +27,6 @@ Progress = Callable[[str, int, int, dict], None]  # (phase, done, total, extra)
 
 RESIDENCIES = ("keep_loaded", "one_shot")
 STAGES = ("backbone", "superres", "codec")
-TOKENS_PER_MINUTE = 2584  # 21.5 frames/s x 2 tokens x 60 s, as the reference estimates
 _LOADING_PHASE = {"backbone": "loading_backbone", "superres": "loading_superres",
                   "codec": "loading_decoder"}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -40,16 +40,16 @@ class Request:
     backbone_ids: list[int]
     superres_ids: list[int]
     seeds: list[int]
-    top_k_bb: int = 80
-    temperature: float = 1.0
-    top_k_sr: int = 10
-    max_new_tokens: int = 23552
-    duration: int = 3  # minutes, for the progress estimate 2584 * (duration + 0.8)
+    top_k_bb: int = mn.DEFAULT_TOP_K_BB
+    temperature: float = mn.DEFAULT_TEMPERATURE
+    top_k_sr: int = mn.DEFAULT_TOP_K_SR
+    max_new_tokens: int = mn.MAX_NEW_TOKENS
+    duration: int = mn.DEFAULT_DURATION  # minutes, for the progress estimate
     resume: dict[int, BackboneRow] = field(default_factory=dict)  # seed -> saved backbone row
 
     def expected_tokens(self) -> int:
         """Backbone tokens the progress bar expects: the reference's estimate, capped."""
-        return max(1, min(int(TOKENS_PER_MINUTE * (self.duration + 0.8)), int(self.max_new_tokens)))
+        return mn.expected_tokens(self.duration, self.max_new_tokens)
 
 
 @dataclass

@@ -19,6 +19,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from khala_cli import model_numbers as mn
+
 GIB = 1024**3
 MAX_CPU_WORKERS = 64
 MAX_BATCH = 16
@@ -172,9 +174,6 @@ def _gpu_device(g: Gpu) -> Device:
 
 # Defaults of a full-size model when its directory cannot be read.
 _DEFAULT_WEIGHTS = {"backbone": 3_100_000_000, "superres": 3_300_000_000, "codec": 300_000_000}
-PROMPT_TOKENS = 4096  # the backbone prompt cap (the super-res prompt's is 2048)
-SR_PROMPT_TOKENS = 2048
-MAX_NEW_TOKENS = 23552  # the reference's backbone cap
 
 
 @dataclass(frozen=True)
@@ -243,8 +242,10 @@ def model_footprint(model_dir: str | Path, dtype_bytes: int = 2) -> Footprint:
     bb, sr = _config(model_dir, "backbone"), _config(model_dir, "superres")
     kv = 2 * int(bb.get("num_layers", 24)) * int(bb.get("num_kv_heads", 8)) \
         * int(bb.get("head_dim", 64)) * dtype_bytes
-    context = min(int(bb.get("max_seq_len", 25600)), PROMPT_TOKENS + MAX_NEW_TOKENS)
-    sr_len = min(int(sr.get("max_seq_len", 25600)), SR_PROMPT_TOKENS + MAX_NEW_TOKENS // 2)
+    context = min(int(bb.get("max_seq_len", mn.MAX_SEQ_LEN)),
+                  mn.BACKBONE_MAX_PROMPT + mn.MAX_NEW_TOKENS)
+    sr_len = min(int(sr.get("max_seq_len", mn.MAX_SEQ_LEN)),
+                 mn.SUPERRES_MAX_PROMPT + mn.MAX_NEW_TOKENS // 2)
     sr_row = sr_len * (6 * int(sr.get("hidden_size", 2048))
                        + 3 * int(sr.get("ffn_hidden_size", 5632))) * dtype_bytes
     codec_cfg = _config(model_dir, "codec")
