@@ -402,16 +402,31 @@ def test_interrupt_exits_130_and_writes_the_report(tmp_path, demo_model_dir):
                              "--devices", "cpu"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     # Wait for the first render to start, then interrupt: the run stops handing out work.
+    # A reader thread feeds a queue, so the deadline holds even while no line comes.
+    import queue
+    import threading
+
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr] and None,
+                     daemon=True).start()
     deadline = time.monotonic() + 300
     seen = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, "no backbone progress within 300 s: " + "".join(seen)
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            continue
         seen.append(line)
-        if " backbone " in line or not line:
+        if " backbone " in line:
             break
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, "".join(seen) + err
+    proc.wait(timeout=300)
+    err = "".join(seen)
+    while not lines.empty():
+        err += lines.get()
+    assert proc.returncode == 130, err
     rep = json.loads((tmp_path / "out" / "reports" / "latest.json").read_text())
     s = rep["summary"]
     assert s["interrupted"] is True and s["exit_code"] == 130

@@ -292,8 +292,21 @@ def test_khala_render_cli_with_converted_model(converted, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "khala_cli", "render", str(manifest), "--devices", "cpu"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    wavs = list((tmp_path / "out").rglob("*.wav"))
-    assert wavs, proc.stdout
+    # the take was rendered by the converted model, and its audio reads back whole
+    import json
+    import math
+
+    import soundfile as sf
+
+    side = json.loads((tmp_path / "out" / "tiny" / "tiny-s1.json").read_text())
+    info = json.loads((dst / "model.json").read_text())
+    assert side["model"]["fingerprint"] == info["fingerprint"]
+    audio, sr = sf.read(str(tmp_path / "out" / "tiny" / "tiny-s1.wav"), always_2d=True)
+    frames = side["tokens"]["backbone"] // 2
+    codec = json.loads((dst / "codec.json").read_text())
+    hop = math.prod(codec["rates"])
+    assert audio.shape == (frames * hop, codec["channels"]) and frames > 0
+    assert sr == codec["sample_rate"]
 
 
 @pytest.mark.slow

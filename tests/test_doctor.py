@@ -45,8 +45,10 @@ def test_good_model_dir_exits_0(model_dir, tmp_path):
     result = _doctor("--model", str(dst), "--output-dir", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
     assert "fingerprints match" in result.output and "rendering can work" in result.output
-    for topic in ("python", "torch", "ffmpeg", "model", "disk"):
-        assert topic in result.output
+    # every topic has its own finding (the temp path names "model" too: ask the JSON)
+    data = json.loads(_doctor("--model", str(dst), "--output-dir", str(tmp_path / "out"),
+                              "--json").output)
+    assert {"python", "torch", "ffmpeg", "model", "disk"} <= {f["topic"] for f in data["findings"]}
 
 
 def test_json_output(model_dir, tmp_path):
@@ -173,14 +175,20 @@ def test_ffmpeg_lines(tmp_path):
     assert line.level == ERROR and line.fix
 
 
-def test_disk_lines(tmp_path, monkeypatch):
-    assert doctor.check_disk(tmp_path / "not" / "yet").level in (OK, WARNING)
+@pytest.mark.parametrize("takes,level", [(1000, OK), (doctor.DISK_WARN_TAKES - 1, WARNING),
+                                         (0, ERROR)])
+def test_disk_lines(tmp_path, monkeypatch, takes, level):
+    take = 3 * doctor.TAKE_BYTES_PER_MINUTE
 
     class Usage:
-        total, used, free = 100 * GIB, 100 * GIB, 10_000_000
+        total, used, free = 100 * GIB, 0, takes * take + take // 2
 
-    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: Usage)
-    assert doctor.check_disk(tmp_path).level == ERROR
+    seen = []
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: seen.append(p) or Usage)
+    line = doctor.check_disk(tmp_path / "not" / "yet")
+    assert line.level == level, line
+    assert seen == [tmp_path]  # a folder not made yet: its nearest existing parent is measured
+    assert str(tmp_path / "not" / "yet") in line.message and f"about {takes} " in line.message
 
 
 def test_exit_code():

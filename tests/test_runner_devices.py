@@ -55,9 +55,18 @@ def test_valid_specs(spec, names):
     assert [d.name for d in parse_devices(spec, gpus=FOUR)] == names
 
 
-def test_cpu_specs_never_look_for_gpus(monkeypatch):
-    monkeypatch.setenv("PATH", "/nonexistent")
-    assert len(parse_devices("cpu:2")) == 2
+def test_cpu_specs_never_look_for_gpus(monkeypatch, tmp_path):
+    # an nvidia-smi on PATH that leaves a mark when it is run
+    mark = tmp_path / "ran"
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\n/usr/bin/touch {mark}\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert [d.name for d in parse_devices("cpu:2")] == ["cpu:0", "cpu:1"]
+    assert [d.name for d in parse_devices("cpu")] == ["cpu:0"]
+    assert not mark.exists()
+    parse_devices("auto")  # the check can fail: auto does look
+    assert mark.exists()
 
 
 @pytest.mark.parametrize("spec,gpus,words", [

@@ -97,8 +97,11 @@ def test_reused_pid_is_stale(tmp_path):
     _write_lock(tmp_path, pid=os.getpid(), host=socket.gethostname(), pid_start=1000.0)
     warnings: list[str] = []
     with RunLock(tmp_path, warn=warnings.append) as lock:
-        assert lock.taken_over is not None
-    assert warnings
+        assert lock.taken_over is not None and lock.taken_over["pid"] == os.getpid()
+    (text,) = warnings
+    assert text.startswith(f"taking over a stale lock {tmp_path / '.khala' / 'lock'}")
+    assert f"left by pid {os.getpid()} on host {socket.gethostname()}" in text
+    assert "no longer running" in text
 
 
 def test_lock_of_another_host_is_never_taken_over(tmp_path):

@@ -42,6 +42,43 @@ def test_megatron_args_with_real_enums_load(tmp_path):
     assert a.data_cache == PurePosixPath("/cache") and a.exit_signal == signal.SIGTERM
 
 
+_WITHOUT_MEGATRON = """
+import json, sys
+sys.modules["megatron"] = None  # `import megatron...` now fails: megatron-core is missing
+from khala_cli.weights.safe_load import Placeholder, safe_torch_load
+args = safe_torch_load(sys.argv[1])["args"]
+out = {}
+for name in sys.argv[2:]:
+    v = getattr(args, name)
+    out[name] = [isinstance(v, Placeholder), type(v).__name__, repr(v), getattr(v, "value", None)]
+print(json.dumps(out))
+"""
+
+
+def load_without_megatron(path: Path, *names: str) -> dict:
+    """Load a checkpoint in a child process where megatron cannot be imported."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_MEGATRON, str(path), *names],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_megatron_enums_load_as_placeholders_when_megatron_is_missing(tmp_path):
+    args = megatron_args(300)
+    path = tmp_path / "common.pt"
+    torch.save({"args": args}, path)
+    got = load_without_megatron(path, "model_type", "attention_backend")
+    for name in ("model_type", "attention_backend"):
+        is_placeholder, _, text, value = got[name]
+        assert is_placeholder, got[name]
+        assert value == getattr(args, name).value
+    assert "ModelType" in got["model_type"][2] and "AttnBackend" in got["attention_backend"][2]
+
+
 def test_placeholders_stand_in_for_missing_classes(tmp_path):
     """An enum of a Megatron version that is not installed still loads, inertly."""
     import pickletools  # noqa: F401  (documents that the pickle is plain protocol 2)
@@ -65,6 +102,10 @@ def test_placeholders_stand_in_for_missing_classes(tmp_path):
             enums.Fp8Recipe = saved
     got = safe_torch_load(tmp_path / "c.pt")["args"].fp8_recipe
     assert got.value == "delayed"
+    # and where megatron-core is not installed at all
+    (is_placeholder, _, text, value), = load_without_megatron(tmp_path / "c.pt",
+                                                              "fp8_recipe").values()
+    assert is_placeholder and value == "delayed" and "Fp8Recipe" in text
 
 
 def test_lightning_checkpoint_with_omegaconf_hparams_loads(tmp_path):
@@ -131,4 +172,6 @@ def test_allow_list_is_explicit_and_harmless():
     for dangerous in ("builtins.eval", "builtins.exec", "builtins.getattr", "os.system",
                       "subprocess.Popen", "builtins.__import__", "posix.system"):
         assert dangerous not in names
-    assert Path  # pathlib classes are allowed: constructing one runs nothing
+    # pathlib classes are allowed (constructing one runs nothing); Path itself is one of them
+    assert {"pathlib.Path", "pathlib.PosixPath", "pathlib.PurePosixPath"} <= names
+    assert "pathlib.Path.write_text" not in names

@@ -131,3 +131,25 @@ def test_rejects_bad_codes_and_handles_empty():
             raise AssertionError("accepted bad q01 codes")
     (empty,) = superres.upsample(model, LAYOUT, PROMPT, [np.zeros((2, 0), dtype=np.int64)], [0])
     assert empty.shape == (LAYOUT.num_quantizers, 0)
+
+
+def test_greedy_codes_follow_the_formula_written_out_by_hand():
+    """Each pass L, written from the reference's formula alone: text rows embed their id,
+    the last prompt row embeds the marker audio_offset-1-L, an audio row embeds the SUM of
+    its layers 0..L-1 codes (id = audio_offset + l*codebook + code); full attention over
+    the rows; logits of the frames on output rows [offset + L*codebook, +codebook); argmax."""
+    model = make_model(7)
+    codes_in = q01(6, 3)
+    (codes,) = superres.upsample(model, LAYOUT, PROMPT, [codes_in], [5], top_k=1)
+    emb, out_w = model.embed.weight.detach(), model.output.weight.detach()
+    p, cb, off = len(PROMPT), LAYOUT.codebook_size, LAYOUT.audio_offset
+    for layer in range(2, LAYOUT.num_quantizers):
+        rows = [emb[t] for t in PROMPT[:-1]] + [emb[off - 1 - layer]]
+        for f in range(codes.shape[1]):
+            rows.append(sum(emb[off + lv * cb + int(codes[lv, f])] for lv in range(layer)))
+        x = torch.stack(rows)[None]
+        with torch.no_grad():
+            hidden = model.full_hidden(x)[0, p:]
+        window = out_w[off + layer * cb : off + (layer + 1) * cb]
+        want = (hidden @ window.T).argmax(-1).numpy()
+        np.testing.assert_array_equal(codes[layer], want, err_msg=f"layer {layer}")

@@ -258,13 +258,27 @@ def test_cache_row_copy_equals_batched_prefill():
         model.clear_cache()
 
 
-def test_blocked_attention_bounds_memory_and_is_exact():
+def test_blocked_attention_bounds_memory_and_is_exact(monkeypatch):
+    from khala_cli.engine import transformer as tr
+
     model = make_model()
     x = torch.randn(1, 33, CFG.hidden_size)
     with torch.no_grad():
         a = model.full_hidden(x, q_block=None)
+    # every attention call of the blocked pass scores at most 5 queries against all keys:
+    # the S x S scores of all heads never exist at once
+    real, shapes = tr.F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, **kw):
+        shapes.append((q.shape[-2], k.shape[-2]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(tr.F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
         b = model.full_hidden(x, q_block=5)
     torch.testing.assert_close(a, b)
+    assert shapes and max(q for q, _ in shapes) == 5 and all(k == 33 for _, k in shapes)
+    assert len(shapes) == CFG.num_layers * 7  # ceil(33 / 5) blocks per layer
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
