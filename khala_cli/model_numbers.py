@@ -6,6 +6,9 @@ Token rates, caps and the controls' ranges and defaults are the reference system
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from typing import Any
+
 SAMPLE_RATE = 44100
 HOP = 2048  # samples per codec frame
 FRAME_RATE = SAMPLE_RATE / HOP  # codec frames per second (21.53)
@@ -51,3 +54,24 @@ def expected_tokens(duration: int, max_new: int) -> int:
     """Backbone tokens a progress bar expects: the reference's estimate
     (duration + 0.8 minutes), capped."""
     return max(1, min(int(TOKENS_PER_MINUTE * (duration + 0.8)), int(max_new)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Controls:
+    """The sampling controls of one render, declared once: the planner's Render and the
+    engine's Request are both Controls, and `controls_of` copies them between layers."""
+
+    duration: int = DEFAULT_DURATION  # minutes: the duration token (and progress estimate)
+    top_k_bb: int = DEFAULT_TOP_K_BB
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k_sr: int = DEFAULT_TOP_K_SR
+    max_new_tokens: int = MAX_NEW_TOKENS  # the backbone cap, from max_minutes
+
+
+_CAST = {"int": int, "float": float}
+
+
+def controls_of(obj: Any) -> dict[str, Any]:
+    """The Controls fields of any object that has them (a Job, a Render), cast to their
+    declared types: a render key must not depend on whether 1 or 1.0 was written."""
+    return {f.name: _CAST[f.type](getattr(obj, f.name)) for f in fields(Controls)}

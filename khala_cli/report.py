@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from khala_cli import __version__
+from khala_cli import __version__, exit_codes
 from khala_cli.plan import Plan, PlannedRender
 
 RESULT_STATUSES = ("rendered", "skipped", "failed", "cancelled")
@@ -124,7 +124,7 @@ def build(plan: Plan, outcomes: list[Any], run: RunInfo) -> dict[str, Any]:
         "device_busy_s": {k: round(float(v), 3) for k, v in sorted(run.device_busy_s.items())},
         "interrupted": run.interrupted,
         "no_space": run.no_space,
-        "exit_code": exit_code(counts, run.interrupted, run.no_space is not None),
+        "exit_code": exit_codes.for_run(counts, run.interrupted, run.no_space is not None),
     }
     return {
         "khala_version": __version__,
@@ -138,18 +138,6 @@ def build(plan: Plan, outcomes: list[Any], run: RunInfo) -> dict[str, Any]:
         "summary": summary,
         "renders": renders,
     }
-
-
-def exit_code(counts: dict[str, int], interrupted: bool, no_space: bool = False) -> int:
-    """130 interrupted; 74 the output disk was full or read-only; 1 some renders failed (or
-    never ran); 0 all done."""
-    if interrupted:
-        return 130
-    if no_space:
-        return 74
-    if counts.get("failed", 0) or counts.get("cancelled", 0):
-        return 1
-    return 0
 
 
 def to_csv(report: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from khala_cli import outputs
+from khala_cli import exit_codes, outputs
 from khala_cli import plan as pl
 from khala_cli import report as rp
 from khala_cli.runner import Outcome
@@ -109,7 +109,7 @@ def test_jobs_with_equal_settings_keep_their_own_outcomes(tmp_path):
     ({"rendered": 3}, True, 130), ({"failed": 3}, True, 130),
 ])
 def test_exit_codes(counts, interrupted, code):
-    assert rp.exit_code(counts, interrupted) == code
+    assert exit_codes.for_run(counts, interrupted) == code
 
 
 def test_write_json_csv_and_latest(scenario):

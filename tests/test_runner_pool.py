@@ -23,6 +23,7 @@ from processes import assert_gone, wait_for
 from khala_cli import manifest, outputs
 from khala_cli.plan import build_renders
 from khala_cli.runner import Outcome, RunOptions, run_renders
+from khala_cli.runner.events import Event, Finished, Progress, WorkerChanged
 from khala_cli.runner.worker import work_path
 from khala_cli.weights.resolve import read_info
 
@@ -63,22 +64,22 @@ class Events:
         self.pids: dict[int, int] = {}  # worker index -> pid of its current process
         self.action = action
 
-    def __call__(self, ev: dict) -> None:
+    def __call__(self, ev: Event) -> None:
         self.all.append(ev)
-        if ev["type"] == "worker":
-            self.pids[ev["worker"]] = ev["pid"]
+        if isinstance(ev, WorkerChanged):
+            self.pids[ev.worker] = ev.pid
         if self.action:
             self.action(self, ev)
 
-    def of(self, kind: str, **match) -> list[dict]:
-        return [e for e in self.all if e["type"] == kind
-                and all(e.get(k) == v for k, v in match.items())]
+    def of(self, kind: type, **match) -> list:
+        return [e for e in self.all if isinstance(e, kind)
+                and all(getattr(e, k) == v for k, v in match.items())]
 
     def results(self) -> list[Outcome]:
-        return [e["outcome"] for e in self.of("result")]
+        return [e.outcome for e in self.of(Finished)]
 
     def worker_pids(self) -> set[int]:
-        return {e["pid"] for e in self.of("worker")}
+        return {e.pid for e in self.of(WorkerChanged)}
 
 
 
@@ -143,14 +144,14 @@ def test_two_cpu_workers_render_six_renders_each_exactly_once(tmp_path, demo_mod
     # both workers started and were ready for work (on a loaded machine one may finish
     # everything before the other is ready: which one renders what is not fixed); busy
     # time is counted per device, and every device that rendered was busy
-    assert {e["worker"] for e in ev.of("worker", state="ready")} == {0, 1}
+    assert {e.worker for e in ev.of(WorkerChanged, state="ready")} == {0, 1}
     assert {o.device for o in result.outcomes} <= {"cpu:0", "cpu:1"}
     assert set(result.device_busy_s) == {"cpu:0", "cpu:1"}
     assert all(result.device_busy_s[o.device] > 0 for o in result.outcomes)
     # progress came from the workers, then they stopped cleanly and are gone
-    assert {e["phase"] for e in ev.of("progress")} >= {"backbone", "superres", "decoding"}
-    assert len(ev.of("worker", state="stopped")) == 2  # both, cleanly
-    assert not ev.of("worker", state="died")
+    assert {e.phase for e in ev.of(Progress)} >= {"backbone", "superres", "decoding"}
+    assert len(ev.of(WorkerChanged, state="stopped")) == 2  # both, cleanly
+    assert not ev.of(WorkerChanged, state="died")
     assert_gone(ev.worker_pids())
     no_leftovers(out)
     assert not any(p.exists() for p in old)
@@ -165,18 +166,18 @@ def test_seeds_of_a_job_share_a_batch_and_match_a_lone_render(tmp_path, demo_mod
     result = run_renders(renders, RunOptions(str(model), str(out), devices="cpu",
                                              batch_size=3, residency="one_shot"), ev)
     assert all(o.status == "rendered" for o in result.outcomes)
-    busy = ev.of("worker", state="busy")
+    busy = ev.of(WorkerChanged, state="busy")
     # one_shot: one wave, each stage over both batches; the seeds of p in one batch
     assert len(busy) == 1
-    assert busy[0]["batches"] == [3, 1]
-    assert busy[0]["renders"] == ["p-s1", "p-s2", "p-s3", "q-s5"]
-    assert ev.of("worker", state="starting")[0]["residency"] == "one_shot"
+    assert busy[0].batches == (3, 1)
+    assert busy[0].renders == ("p-s1", "p-s2", "p-s3", "q-s5")
+    assert ev.of(WorkerChanged, state="starting")[0].residency == "one_shot"
     # each stage ran over the whole wave: every model loaded once, in stage order
-    phases = [(e["phase"], e["job_id"]) for e in ev.of("progress")]
+    phases = [(e.phase, e.job_id) for e in ev.of(Progress)]
     loads = [p for p, _ in phases if p.startswith("loading_")]
     assert sorted(set(loads), key=loads.index) == [
         "loading_backbone", "loading_superres", "loading_decoder"]
-    assert [e["done"] for e in ev.of("progress", phase="loading_superres")] == [0, 1]
+    assert [e.done for e in ev.of(Progress, phase="loading_superres")] == [0, 1]
     first_sr = phases.index(("superres", "p"))
     assert {j for p, j in phases[:first_sr] if p == "backbone"} == {"p", "q"}
 
@@ -205,10 +206,10 @@ def test_worker_killed_mid_render_is_replaced_and_the_render_retried(
     renders, out, model = load_renders(path)
     killed: list[int] = []
 
-    def kill_on_b(events: Events, ev: dict) -> None:
-        if ev["type"] == "progress" and ev["job_id"] == "b" and not killed:
+    def kill_on_b(events: Events, ev: Event) -> None:
+        if isinstance(ev, Progress) and ev.job_id == "b" and not killed:
             wait_for(marker.exists, "the worker to stop mid-render")
-            pid = events.pids[ev["worker"]]
+            pid = events.pids[ev.worker]
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
@@ -219,8 +220,8 @@ def test_worker_killed_mid_render_is_replaced_and_the_render_retried(
     assert all(x.status == "rendered" for x in result.outcomes)
     assert o["b-s1"].attempts == 2
     assert o["a-s1"].attempts == 1 and o["c-s1"].attempts == 1
-    died = ev.of("worker", state="died")
-    assert [d["pid"] for d in died] == killed and "SIGKILL" in died[0]["reason"]
+    died = ev.of(WorkerChanged, state="died")
+    assert [d.pid for d in died] == killed and "SIGKILL" in died[0].error
     assert_gone(ev.worker_pids())
     no_leftovers(out)
 
@@ -235,9 +236,9 @@ def test_hanging_worker_is_replaced_after_the_stall_timeout(tmp_path, demo_model
     o = by_stem(result)
     assert o["a-s1"].status == "rendered" and o["a-s1"].attempts >= 2
     assert o["b-s1"].status == "rendered"
-    stalled = ev.of("worker", state="stalled")
-    assert stalled and "no progress for 8 s" in stalled[0]["reason"]
-    assert len(ev.of("worker", state="starting")) >= 2  # replaced
+    stalled = ev.of(WorkerChanged, state="stalled")
+    assert stalled and "no progress for 8 s" in stalled[0].error
+    assert len(ev.of(WorkerChanged, state="starting")) >= 2  # replaced
     assert_gone(ev.worker_pids())
     no_leftovers(out)
 
@@ -259,7 +260,7 @@ def test_render_that_always_crashes_its_worker_fails_and_the_rest_render(
     assert not o["bad-s1"].render.path(".json").exists()
     for stem in ("ok1-s1", "ok2-s1"):
         assert o[stem].status == "rendered" and outputs.is_done(o[stem].render)
-    assert len(ev.of("worker", state="died")) == 2
+    assert len(ev.of(WorkerChanged, state="died")) == 2
     assert_gone(ev.worker_pids())
     no_leftovers(out)
 
@@ -276,7 +277,7 @@ def test_an_ordinary_error_fails_the_render_and_keeps_the_worker(
     assert o["bad-s1"].status == "failed" and o["bad-s1"].attempts == 2
     assert "RuntimeError: test fault for job bad" in o["bad-s1"].error
     assert o["ok-s1"].status == "rendered"
-    assert len(ev.of("worker", state="starting")) == 1  # the same worker all along
+    assert len(ev.of(WorkerChanged, state="starting")) == 1  # the same worker all along
     assert_gone(ev.worker_pids())
 
 
@@ -293,14 +294,14 @@ def test_out_of_memory_halves_the_batch_then_goes_one_shot_then_fails(
     o = by_stem(result)
     assert o["x-s1"].status == "rendered" and o["x-s2"].status == "rendered"
     assert o["x-s1"].attempts == 2 and o["x-s2"].attempts == 2
-    busy = [e["batches"] for e in ev.of("worker", state="busy")]
-    assert busy[:3] == [[2], [1], [1]]
+    busy = [e.batches for e in ev.of(WorkerChanged, state="busy")]
+    assert busy[:3] == [(2,), (1,), (1,)]
     assert o["z-s1"].status == "failed"
     assert o["z-s1"].attempts == 3  # keep_loaded, one_shot, one_shot again
     assert "out of memory" in o["z-s1"].error
-    starts = [e["residency"] for e in ev.of("worker", state="starting")]
+    starts = [e.residency for e in ev.of(WorkerChanged, state="starting")]
     assert starts[0] == "keep_loaded" and starts[-1] == "one_shot"
-    assert len(ev.of("worker", state="oom")) == 4
+    assert len(ev.of(WorkerChanged, state="oom")) == 4
     assert_gone(ev.worker_pids())
 
 
@@ -318,15 +319,16 @@ def test_unloadable_model_fails_every_render_without_looping(tmp_path, demo_mode
     assert [o.status for o in result.outcomes] == ["failed", "failed"]
     assert "no device can render" in result.outcomes[0].error
     assert "backbone.json" in result.outcomes[0].error
-    assert len(ev.of("worker", state="starting")) == 2  # one per device, no restarts
+    assert len(ev.of(WorkerChanged, state="starting")) == 2  # one per device, no restarts
     assert_gone(ev.worker_pids())
 
 
 # -- the parent dies or is signalled ---------------------------------------------------------
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import dataclasses, json, sys
     from khala_cli import manifest, outputs
+    from khala_cli.runner.events import Finished
     from khala_cli.plan import build_renders
     from khala_cli.runner import RunOptions, run_renders
     from khala_cli.runner.lock import RunLock
@@ -337,11 +339,12 @@ SCRIPT = textwrap.dedent("""
         print(json.dumps(obj), flush=True)
 
     def on_event(ev):
-        if ev["type"] == "result":
-            o = ev["outcome"]
-            ev = {"type": "result", "stem": o.render.stem, "status": o.status,
-                  "attempts": o.attempts, "error": o.error, "resumed": ev.get("resumed")}
-        emit(ev)
+        if isinstance(ev, Finished):
+            o = ev.outcome
+            emit({"type": "result", "stem": o.render.stem, "status": o.status,
+                  "attempts": o.attempts, "error": o.error, "resumed": ev.resumed})
+        else:
+            emit({"type": ev.kind, **dataclasses.asdict(ev)})
 
     if __name__ == "__main__":
         m = manifest.load(sys.argv[1])

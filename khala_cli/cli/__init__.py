@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import click
 
-from khala_cli import __version__
-
-EXIT_HELP = """\b
-Exit codes:
-  0    every render done (or already done)
-  1    some renders failed
-  2    usage or manifest error (nothing rendered, nothing written)
-  3    model or environment error found before rendering
-  74   the output disk is full, over quota or read-only (rendered takes are kept)
-  75   another run holds the output directory's lock
-  130  interrupted (Ctrl-C / SIGTERM); the report is still written
-"""
+from khala_cli import __version__, exit_codes
 
 
-@click.group(epilog=EXIT_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+class Failure(Exception):
+    """A command cannot go on: `lines` go to stderr and the process exits with `code`.
+    Raised anywhere below a command; `_Group` turns it into the exit."""
+
+    def __init__(self, code: int, *lines: str):
+        super().__init__("\n".join(lines))
+        self.code, self.lines = code, lines
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Failure as failure:
+            for line in failure.lines:
+                click.echo(line, err=True)
+            ctx.exit(failure.code)
+
+
+@click.group(cls=_Group, epilog=exit_codes.help_text(),
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="khala")
 def cli() -> None:
     """khala: render song catalogues with the Khala full-song model."""
@@ -26,7 +35,7 @@ def cli() -> None:
 
 def _register() -> None:
     # Each command lives in its own module; importing registers it on `cli`.
-    from khala_cli.cli import bench, catalogue, models, render, review  # noqa: F401
+    from khala_cli.cli import bench, catalogue, models, planning, render, review  # noqa: F401
 
 
 def main() -> None:

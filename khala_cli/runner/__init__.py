@@ -2,6 +2,7 @@
 
 The parent side (this package minus worker.py) never imports torch."""
 
-from khala_cli.runner.pool import Outcome, RunOptions, RunResult, run_renders
+from khala_cli.runner.events import Event, Outcome
+from khala_cli.runner.pool import RunOptions, RunResult, run_renders
 
-__all__ = ["Outcome", "RunOptions", "RunResult", "run_renders"]
+__all__ = ["Event", "Outcome", "RunOptions", "RunResult", "run_renders"]

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +36,15 @@ from typing import Any
 from khala_cli.plan import Render
 from khala_cli.runner import protocol
 from khala_cli.runner.devices import DevicePlan, plan_devices
+from khala_cli.runner.events import (
+    Finished,
+    Interrupted,
+    NoSpace,
+    OnEvent,
+    Outcome,
+    Progress,
+    WorkerChanged,
+)
 from khala_cli.runner.policy import EXIT_WAIT, Device, Item, Lost, Policy, timer_kill
 
 # ---------------------------------------------------------------------------------------
@@ -58,26 +66,12 @@ class RunOptions:
 
 
 @dataclass
-class Outcome:
-    render: Render
-    status: str  # rendered | failed | cancelled
-    error: str | None = None
-    seconds: float = 0.0
-    device: str | None = None
-    attempts: int = 0
-    files: dict[str, str] = field(default_factory=dict)
-    log: str | None = None
-
-
-@dataclass
 class RunResult:
     outcomes: list[Outcome]
     interrupted: bool
     device_busy_s: dict[str, float]
     no_space: dict[str, str] | None = None  # {path, error}: a full or read-only output disk
 
-
-Event = Callable[[dict], None]
 
 KEEP_DAYS = 30  # worker logs and unused saved backbone tokens older than this are removed
 
@@ -134,7 +128,7 @@ def _describe_exit(code: int | None) -> str:
 
 
 class Pool:
-    def __init__(self, renders: list[Render], options: RunOptions, on_event: Event | None):
+    def __init__(self, renders: list[Render], options: RunOptions, on_event: OnEvent | None):
         self.options = options
         self.on_event = on_event or (lambda e: None)
         stems = [(r.out_dir, r.stem) for r in renders]
@@ -158,12 +152,9 @@ class Pool:
 
     # -- events ----------------------------------------------------------------------------
 
-    def _emit(self, event: dict) -> None:
-        self.on_event(event)
-
-    def _worker_event(self, w: _Worker, state: str, **extra: Any) -> None:
-        self._emit({"type": "worker", "worker": w.slot.device.index, "device": w.slot.name,
-                    "state": state, "pid": w.pid, "log": str(w.log_path), **extra})
+    def _worker_event(self, w: _Worker, state: str, **detail: Any) -> None:
+        self.on_event(WorkerChanged(worker=w.slot.device.index, device=w.slot.name,
+                                    state=state, pid=w.pid, log=str(w.log_path), **detail))
 
     @staticmethod
     def _outcome(it: Item) -> Outcome:
@@ -174,10 +165,10 @@ class Pool:
     def _flush(self) -> None:
         """Report the outcomes the policy has decided."""
         for it in self.policy.take_finished():
-            self._emit({"type": "result", "outcome": self._outcome(it), "resumed": it.resumed})
+            self.on_event(Finished(self._outcome(it), resumed=bool(it.resumed)))
         if self.policy.no_space and not self.no_space_told:
             self.no_space_told = True
-            self._emit({"type": "no_space", **self.policy.no_space})
+            self.on_event(NoSpace(**self.policy.no_space))
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -227,8 +218,7 @@ class Pool:
                     last_heard=now)
         slot.worker = w
         self.sel.register(proc.stdout, selectors.EVENT_READ, w)
-        self._worker_event(w, "starting", residency=slot.device.residency,
-                           batch_size=slot.device.batch_size)
+        self._worker_event(w, "starting", residency=slot.device.residency)
 
     def _send(self, w: _Worker, msg: dict) -> bool:
         try:
@@ -269,9 +259,8 @@ class Pool:
                            for b in wave]}
         w.state = "busy"
         w.wants = False
-        self._worker_event(w, "busy", wave=w.wave,
-                           renders=[it.render.stem for b in wave for it in b],
-                           batches=[len(b) for b in wave])
+        self._worker_event(w, "busy", renders=tuple(it.render.stem for b in wave for it in b),
+                           batches=tuple(len(b) for b in wave))
         self._send(w, msg)
         return True
 
@@ -287,17 +276,17 @@ class Pool:
             w.ready = True
             self.policy.worker_ready(w.slot.device)
             w.state = "idle"
-            self._worker_event(w, "ready", label=msg.get("device"))
+            self._worker_event(w, "ready")
         elif kind == "want":
             w.wants = True
             if w.state == "busy":
                 w.state = "idle"
         elif kind == "progress":
-            self._emit({"type": "progress", "worker": w.slot.device.index,
-                        "device": w.slot.name, "job_id": msg.get("job_id"),
-                        "seeds": msg.get("seeds") or [], "phase": msg.get("phase"),
-                        "done": msg.get("done"), "total": msg.get("total"),
-                        "tokens_per_s": msg.get("tokens_per_s")})
+            self.on_event(Progress(
+                worker=w.slot.device.index, device=w.slot.name, job_id=str(msg.get("job_id")),
+                seeds=tuple(msg.get("seeds") or ()), phase=str(msg.get("phase")),
+                done=int(msg.get("done") or 0), total=int(msg.get("total") or 0),
+                tokens_per_s=msg.get("tokens_per_s")))
         elif kind == "result":
             self._on_result(w, msg)
         elif kind == "wave_done":
@@ -363,12 +352,11 @@ class Pool:
         elif w.fatal is not None:
             self._worker_event(w, "failed", error=w.fatal)
         elif w.stop_sent and not items and not w.kill_reason:
-            self._worker_event(w, "stopped", exit_code=code)
+            self._worker_event(w, "stopped")
             return
         else:
             stalled = bool(w.kill_reason and "stall" in w.kill_reason)
-            self._worker_event(w, "stalled" if stalled else "died", reason=reason,
-                               exit_code=code)
+            self._worker_event(w, "stalled" if stalled else "died", error=reason)
         self.policy.worker_lost(lost)
         self._flush()
 
@@ -381,11 +369,11 @@ class Pool:
         self.policy.interrupt()
         self.interrupted = True
         self.deadline = _now() + max(0.0, float(self.options.grace))
-        self._emit({"type": "interrupt", "grace": float(self.options.grace)})
+        self.on_event(Interrupted(grace=float(self.options.grace)))
         for s in self.slots:
             if s.worker:
                 # busy workers finish their wave (within the grace period) and then stop
-                self._worker_event(s.worker, "stopping", grace=float(self.options.grace))
+                self._worker_event(s.worker, "stopping")
                 if s.worker.state != "busy":
                     self._stop(s.worker)
 
@@ -509,7 +497,7 @@ class Pool:
 
 
 def run_renders(renders: list[Render], options: RunOptions,
-                on_event: Event | None = None) -> RunResult:
+                on_event: OnEvent | None = None) -> RunResult:
     """Render `renders` on the devices of `options`; one Outcome per render, in order.
 
     Raises DeviceError (devices.py) before starting anything when the devices cannot be

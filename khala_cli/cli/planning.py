@@ -1,0 +1,163 @@
+"""`khala validate`, `plan` and `tags`: what a manifest asks for, without rendering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from khala_cli import exit_codes
+from khala_cli.cli import Failure, cli, steps
+from khala_cli.cli.display import out_console
+from khala_cli.manifest import MAX_RENDERS
+from khala_cli.manifest_checks import closest, tag_catalogue
+from khala_cli.manifest_fields import FIELDS, explain
+from khala_cli.plan import Plan
+
+MAX_RENDERS_OPTION = click.option(
+    "--max-renders", type=click.IntRange(min=1), default=MAX_RENDERS, show_default=True,
+    help="Refuse manifests with more renders (jobs x seeds) than this.")
+MODEL_OPTION = click.option("--model", "model", metavar="DIR", help="Model directory (or "
+                            "'demo') instead of the manifest's `model:`.")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+@cli.command()
+@click.argument("manifest", required=False,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@MODEL_OPTION
+@MAX_RENDERS_OPTION
+@click.option("--explain", "field", metavar="FIELD", help="Print what a manifest field means, "
+              "its type, range and default, and where it may sit; no MANIFEST needed.")
+def validate(manifest: Path | None, model: str | None, max_renders: int,
+             field: str | None) -> None:
+    """Check MANIFEST without rendering: syntax, keys, ranges, seeds, ids, lyrics files, model.
+
+    Exit 0 when valid, 2 with every error (file:line, job, field) when not, 3 when the model
+    directory is not usable. Writes nothing.
+    """
+    if field is not None:
+        click.echo(_explain(field))
+        return
+    if manifest is None:
+        raise Failure(exit_codes.USAGE, "error: give a MANIFEST to check, or --explain FIELD")
+    m = steps.load_manifest(manifest, max_renders=max_renders, model=model)
+    model_dir, info = steps.model(m, build_demo=False)
+    steps.ffmpeg()
+    minutes = sum(j.est_minutes * len(j.seeds) for j in m.jobs)
+    click.echo(f"ok: {manifest}: {_plural(len(m.jobs), 'job')}, "
+               f"{_plural(m.render_count, 'render')}, ~{minutes:.1f} audio minutes; "
+               f"output {m.output_dir}")
+    if m.model == "demo":
+        click.echo(steps.DEMO_LINE + ("" if info else " It is built on first use."))
+    else:
+        click.echo(f"model: {info.name} ({model_dir})")
+    if m.warnings:
+        click.echo(f"{_plural(len(m.warnings), 'warning')} (above)")
+
+
+def _explain(field: str) -> str:
+    name = field.strip().removeprefix("defaults.")
+    if name not in FIELDS:
+        sug = closest(name, list(FIELDS))
+        raise Failure(exit_codes.USAGE, f"error: --explain {field}: no such manifest field"
+                      + (f" (did you mean '{sug}'?)" if sug else "")
+                      + f"; the fields are: {', '.join(FIELDS)}")
+    return explain(name)
+
+
+@cli.command("plan")
+@steps.MANIFEST_ARG
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@MODEL_OPTION
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory instead of the manifest's `output_dir:`.")
+@click.option("--force", is_flag=True, help="Plan to re-render renders that are done.")
+@click.option("--only", multiple=True, metavar="JOB_ID", help="Only these jobs (repeatable, "
+              "or comma-separated).")
+@click.option("--shard", metavar="K/N|auto", help="Only the renders of shard K of N (K from 0; "
+              "auto: from a Slurm array or a Kubernetes Indexed Job).")
+@click.option("--save-codes", is_flag=True, help="Plan as `render --save-codes` would.")
+@MAX_RENDERS_OPTION
+def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path | None,
+             force: bool, only: tuple[str, ...], shard: str | None, save_codes: bool,
+             max_renders: int) -> None:
+    """Show what `khala render MANIFEST` would do: each render's status (todo: new;
+    rerender: its outputs are from other settings, or --force; skip: already done), and the
+    audio minutes to render. Writes nothing to the output directory."""
+    m = steps.load_manifest(manifest, max_renders=max_renders, output_dir=output_dir,
+                            model=model, quiet=as_json)
+    shard_t = steps.shard(shard)
+    only_t = steps.only(m, only)
+    model_dir, info = steps.model(m)
+    p = steps.plan(m, info, force=force, only=only_t, shard=shard_t, save_codes=save_codes)
+    if as_json:
+        click.echo(json.dumps({
+            "manifest": str(m.path), "output_dir": str(m.output_dir),
+            "model": steps.model_dict(model_dir, info, m.model),
+            "shard": f"{shard_t[0]}/{shard_t[1]}" if shard_t else None,
+            "summary": _summary(p), "warnings": [str(w) for w in m.warnings],
+            "renders": [it.to_dict() for it in p.items],
+        }, indent=2, ensure_ascii=False))
+        return
+    out = out_console()
+    if info.demo:
+        out.print(f"[yellow]{steps.DEMO_LINE}[/yellow]")
+    out.print(_plan_table(p, f"plan: {manifest} -> {m.output_dir}"))
+    counts = p.counts()
+    out.print(f"{len(p.items)} renders: {counts['todo']} todo, {counts['rerender']} rerender, "
+              f"{counts['skip']} skip (done); ~{p.minutes():.1f} audio minutes to render"
+              + (f"; {p.excluded} left to other shards / --only" if p.excluded else ""))
+
+
+def _summary(p: Plan) -> dict[str, Any]:
+    return {**p.counts(), "renders": len(p.items), "excluded": p.excluded,
+            "audio_minutes_to_render": round(p.minutes(), 3),
+            "audio_minutes_done": round(p.minutes(("skip",)), 3)}
+
+
+def _plan_table(p: Plan, title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("job", "seeds", "todo", "rerender", "skip", "~minutes"):
+        t.add_column(col, justify="left" if col in ("job", "seeds") else "right")
+    per_job: dict[str, dict[str, Any]] = {}
+    for it in p.items:
+        row = per_job.setdefault(it.render.job_id, {"seeds": [], "todo": 0, "rerender": 0,
+                                                    "skip": 0, "min": 0.0})
+        row["seeds"].append(it.render.seed)
+        row[it.status] += 1
+        if it.status != "skip":
+            row["min"] += it.est_minutes
+    for job_id, row in per_job.items():
+        t.add_row(job_id, _seeds_text(row["seeds"]), str(row["todo"]), str(row["rerender"]),
+                  str(row["skip"]), f"{row['min']:.1f}")
+    return t
+
+
+def _seeds_text(seeds: list[int]) -> str:
+    seeds = sorted(seeds)
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    text = ",".join(str(s) for s in seeds[:8])
+    return text + (f",... ({len(seeds)})" if len(seeds) > 8 else "")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the catalogue as JSON.")
+def tags(as_json: bool) -> None:
+    """The tag catalogue, by category (the tags the reference front end offers). A job's
+    `tags:` may use others; they are passed to the model as written."""
+    cat = tag_catalogue()
+    if as_json:
+        click.echo(json.dumps(cat, indent=2, ensure_ascii=False))
+        return
+    for key, c in cat.items():
+        click.echo(f"{c.get('label', key)} [{key}] ({len(c['tags'])})")
+        click.echo("  " + ", ".join(c["tags"]))
+        click.echo()

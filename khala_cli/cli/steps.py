@@ -1,0 +1,112 @@
+"""The steps that `render`, `validate` and `plan` share. Each returns its result, or raises
+Failure with the exit code (from exit_codes) and the lines that explain it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from khala_cli import exit_codes, outputs
+from khala_cli import manifest as mf
+from khala_cli.cli import Failure
+from khala_cli.manifest_checks import closest
+from khala_cli.plan import Plan, build_renders, make_plan, parse_shard
+from khala_cli.runner.devices import DeviceError, parse_devices
+from khala_cli.weights.resolve import ModelError, demo_dir, read_info, resolve_model
+
+DEMO_LINE = ("model: demo (tiny and untrained: it renders noise, not music; it is here to try "
+             "the pipeline. See the README for the real weights.)")
+
+MANIFEST_ARG = click.argument(
+    "manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+
+
+def warn(text: str) -> None:
+    click.echo(f"warning: {text}", err=True)
+
+
+def load_manifest(path: Path, *, max_renders: int, output_dir: Path | None = None,
+                  model: str | None = None, quiet: bool = False) -> mf.Manifest:
+    """The valid manifest; its warnings are printed unless quiet."""
+    try:
+        m = mf.load(path, max_renders=max_renders, output_dir=output_dir, model=model)
+    except mf.ManifestError as exc:
+        n = len(exc.issues)
+        raise Failure(exit_codes.USAGE,
+                      f"error: {path} is not a valid manifest ({n} error{'s' if n != 1 else ''}; "
+                      "nothing was rendered or written):",
+                      *(f"  {issue}" for issue in exc.issues)) from None
+    if not quiet:
+        for w in m.warnings:
+            warn(str(w))
+    return m
+
+
+def shard(spec: str | None) -> tuple[int, int] | None:
+    if spec is None:
+        return None
+    try:
+        return parse_shard(spec)
+    except ValueError as exc:
+        raise Failure(exit_codes.USAGE, f"error: {exc}") from None
+
+
+def only(m: mf.Manifest, values: tuple[str, ...]) -> tuple[str, ...]:
+    """The job ids of repeated or comma-separated --only options; each must exist."""
+    ids = [j.id for j in m.jobs]
+    wanted = [s.strip() for item in values for s in item.split(",") if s.strip()]
+    for w in wanted:
+        if w not in ids:
+            sug = closest(w, ids)
+            raise Failure(exit_codes.USAGE, f"error: --only {w}: no job with that id in "
+                          f"{m.path}" + (f" (did you mean '{sug}'?)" if sug else ""))
+    return tuple(wanted)
+
+
+def devices(spec: str) -> list:
+    try:
+        return parse_devices(spec)
+    except DeviceError as exc:
+        raise Failure(exit_codes.MODEL, f"error: {exc}") from None
+
+
+def model(m: mf.Manifest, *, build_demo: bool = True, convert: bool = False,
+          announce: Callable[[str], None] | None = None) -> tuple[Path | None, Any]:
+    """(model dir, ModelInfo); (None, None) for a demo model not built yet when not building."""
+    try:
+        if m.model == "demo" and not build_demo:
+            d = demo_dir()
+            return (d, read_info(d)) if (d / "model.json").exists() else (None, None)
+        return resolve_model(m.model, m.model_base, convert=convert, announce=announce)
+    except ModelError as exc:
+        where = f" ({m.path}:{m.model_line})" if m.model_line else ""
+        lines = [f"error: model {m.model!r}{where}: {exc}"]
+        if "does not exist" in str(exc):
+            lines.append("  A model directory is made once from the Khala download with "
+                         "`khala convert DOWNLOAD DIR` (see the README); `--model demo` tries "
+                         "the pipeline with the untrained demo model (noise).")
+        raise Failure(exit_codes.MODEL, *lines) from None
+
+
+def model_dict(model_dir: Path | None, info: Any, ref: str) -> dict[str, Any]:
+    """The model as the run report and `plan --json` record it."""
+    if info is None:
+        return {"ref": ref, "name": ref, "dir": None, "fingerprint": None,
+                "demo": ref == "demo"}
+    return {"ref": ref, "name": info.name, "dir": str(model_dir),
+            "fingerprint": info.fingerprint, "demo": bool(info.demo)}
+
+
+def ffmpeg() -> None:
+    problem = outputs.check_ffmpeg()
+    if problem:
+        raise Failure(exit_codes.MODEL, f"error: {problem}")
+
+
+def plan(m: mf.Manifest, info: Any, *, force: bool, only: tuple[str, ...],
+         shard: tuple[int, int] | None, save_codes: bool) -> Plan:
+    renders = build_renders(m, info.fingerprint, save_codes=save_codes)
+    return make_plan(renders, is_done=outputs.is_done, force=force, only=only, shard=shard)
