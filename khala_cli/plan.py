@@ -19,8 +19,9 @@ from khala_cli.manifest import Job, Manifest, job_dir
 
 
 @dataclass(frozen=True)
-class Render:
-    """One take to render: one job at one seed. Everything a worker needs, JSON-serialisable."""
+class Render(mn.Controls):
+    """One take to render: one job at one seed. Everything a worker needs, JSON-serialisable.
+    The sampling controls are the Controls fields (duration, top-k, temperature, cap)."""
 
     job_id: str
     seed: int
@@ -39,11 +40,6 @@ class Render:
     tags: tuple[str, ...] = ()
     prompt: str = ""
     lyrics: str = ""  # cleaned
-    duration: int = 3  # minutes: the duration token
-    top_k_bb: int = 80
-    top_k_sr: int = 10
-    temperature: float = 1.0
-    max_new_tokens: int = mn.MAX_NEW_TOKENS  # backbone cap, from max_minutes
     save_codes: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -55,8 +51,7 @@ class Render:
     def batch_group(self) -> tuple:
         """Renders with equal groups differ only by seed and may share one batched forward."""
         return (self.job_id, self.mode, self.prompt_mode, self.tags, self.prompt, self.lyrics,
-                self.duration, self.top_k_bb, self.top_k_sr, self.temperature,
-                self.max_new_tokens)
+                *mn.controls_of(self).values())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -92,12 +87,13 @@ def audio_settings(job: Job, seed: int) -> dict[str, Any]:
         "tags": [t.strip() for t in job.tags],
         "prompt": job.prompt.strip(),
         "lyrics": job.lyrics if job.mode == "vocal" else "",
-        "duration": int(job.duration),
-        "top_k_bb": int(job.top_k_bb),
-        "top_k_sr": int(job.top_k_sr),
-        "temperature": float(job.temperature),
-        "max_new_tokens": int(job.max_new_tokens),
+        **mn.controls_of(job),
     }
+
+
+# The Job fields a Render carries as they are (the controls come through mn.controls_of).
+FROM_JOB = ("title", "artist", "album", "track", "year", "genre", "mode", "prompt_mode",
+            "prompt", "lyrics")
 
 
 def build_renders(manifest: Manifest, fingerprint: str, *, output_dir: str | Path | None = None,
@@ -111,14 +107,9 @@ def build_renders(manifest: Manifest, fingerprint: str, *, output_dir: str | Pat
             renders.append(Render(
                 job_id=job.id, seed=int(seed),
                 key=render_key(audio_settings(job, seed), fingerprint),
-                out_dir=str(out_dir), stem=f"{job.id}-s{seed}",
-                title=job.title, artist=job.artist, album=job.album, track=job.track,
-                year=job.year, genre=job.genre, job_index=job.index,
-                mode=job.mode, prompt_mode=job.prompt_mode, tags=tuple(job.tags),
-                prompt=job.prompt, lyrics=job.lyrics, duration=job.duration,
-                top_k_bb=job.top_k_bb, top_k_sr=job.top_k_sr, temperature=job.temperature,
-                max_new_tokens=job.max_new_tokens, save_codes=save_codes,
-                extra={"line": job.line},
+                out_dir=str(out_dir), stem=f"{job.id}-s{seed}", job_index=job.index,
+                tags=tuple(job.tags), save_codes=save_codes, extra={"line": job.line},
+                **{name: getattr(job, name) for name in FROM_JOB}, **mn.controls_of(job),
             ))
     return renders
 

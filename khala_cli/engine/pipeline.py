@@ -33,18 +33,14 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-@dataclass
-class Request:
-    """One prompt, several seeds -> one batched render."""
+@dataclass(frozen=True)
+class Request(mn.Controls):
+    """One prompt, several seeds -> one batched render, under the Controls fields
+    (duration, top-k, temperature, token cap)."""
 
     backbone_ids: list[int]
     superres_ids: list[int]
     seeds: list[int]
-    top_k_bb: int = mn.DEFAULT_TOP_K_BB
-    temperature: float = mn.DEFAULT_TEMPERATURE
-    top_k_sr: int = mn.DEFAULT_TOP_K_SR
-    max_new_tokens: int = mn.MAX_NEW_TOKENS
-    duration: int = mn.DEFAULT_DURATION  # minutes, for the progress estimate
     resume: dict[int, BackboneRow] = field(default_factory=dict)  # seed -> saved backbone row
 
     def expected_tokens(self) -> int:

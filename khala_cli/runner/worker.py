@@ -38,6 +38,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from khala_cli import model_numbers as mn
 from khala_cli.runner import protocol
 from khala_cli.runner.faults import Faults
 
@@ -323,9 +324,8 @@ class Worker:
                 print(f"worker: {render.stem}: resuming from saved backbone tokens",
                       file=sys.stderr, flush=True)
         req = Request(backbone_ids=bb_ids, superres_ids=sr_ids,
-                      seeds=[x.seed for x in batch.renders], top_k_bb=r.top_k_bb,
-                      temperature=r.temperature, top_k_sr=r.top_k_sr,
-                      max_new_tokens=r.max_new_tokens, duration=r.duration, resume=resume)
+                      seeds=[x.seed for x in batch.renders], resume=resume,
+                      **mn.controls_of(r))
         return req, len(bb_ids)
 
     def _save_rows(self, batch: Batch, rows) -> None:
