@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from khala_cli.model_numbers import MAX_SEQ_LEN
+
 T = TypeVar("T")
 
 
@@ -50,7 +52,7 @@ class TransformerConfig(_JsonConfig):
     ffn_hidden_size: int = 5632
     norm_eps: float = 1e-6
     rope_base: float = 500000.0
-    max_seq_len: int = 25600
+    max_seq_len: int = MAX_SEQ_LEN
     # The trained model adds the fc1 bias twice: silu(Ww x + 2bw) * (Wv x + 2bv).
     double_fc1_bias: bool = True
 
