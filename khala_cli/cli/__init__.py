@@ -6,6 +6,9 @@ import click
 
 from khala_cli import __version__
 
+# The command modules are imported in _register(), not here: each one imports `cli` from this
+# module to register its commands on it, so they can be imported only once `cli` exists.
+
 EXIT_HELP = """\b
 Exit codes:
   0    every render done (or already done)
