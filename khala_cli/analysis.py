@@ -17,6 +17,10 @@ import numpy as np
 
 from khala_cli.model_numbers import FRAME_RATE  # noqa: F401 - used by the review bench
 
+# pyloudnorm and scipy are imported inside the functions that measure: together they take
+# about 0.6 s to import, and the parent loads this module (through outputs) for every
+# command, `--help`, `validate` and `plan` included, which must answer fast.
+
 SILENCE_WINDOW_S = 0.1
 REPETITION_WINDOW = 8  # q0 frames (0.37 s) per compared stretch
 PEAKS = 120  # waveform points kept for the review page

@@ -19,12 +19,18 @@ import csv
 import hashlib
 import io
 import json
+import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
+from mutagen import id3
+from mutagen.flac import FLAC
+from mutagen.wave import WAVE
 
 from khala_cli import __version__
 from khala_cli.analysis import loudness_lufs, true_peak_db
@@ -165,8 +171,6 @@ def _signature(it: Item, opts: ExportOptions) -> str:
 # ---- audio -----------------------------------------------------------------------------
 
 def _float_wav(audio: np.ndarray, sr: int) -> bytes:
-    import soundfile as sf
-
     buf = io.BytesIO()
     sf.write(buf, audio, sr, subtype="FLOAT", format="WAV")
     return buf.getvalue()
@@ -180,9 +184,6 @@ _CODECS = {"mp3": ["-c:a", "libmp3lame", "-b:a", "320k", "-f", "mp3"],
 def encode(audio: np.ndarray, sr: int, fmt: str, limit_db: float | None) -> bytes:
     """Encode with ffmpeg; limit_db: a true-peak limit (alimiter at 4x the rate). The output
     goes to a scratch file, not a pipe: FLAC and WAV headers are finished by seeking back."""
-    import subprocess
-    import tempfile
-
     cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
            "-f", "wav", "-i", "pipe:0"]
     if limit_db is not None:
@@ -201,8 +202,6 @@ def encode(audio: np.ndarray, sr: int, fmt: str, limit_db: float | None) -> byte
 
 
 def _measure(data: bytes) -> tuple[float | None, float | None]:
-    import soundfile as sf
-
     audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     return loudness_lufs(audio, sr), true_peak_db(audio)
 
@@ -241,8 +240,6 @@ def loudness_matched(audio: np.ndarray, sr: int, fmt: str, opts: ExportOptions
 # ---- tags ------------------------------------------------------------------------------
 
 def _id3(tags: dict[str, str]):
-    from mutagen import id3
-
     t = id3.ID3()
     frames = {"title": id3.TIT2, "artist": id3.TPE1, "album": id3.TALB, "date": id3.TDRC,
               "genre": id3.TCON}
@@ -264,8 +261,6 @@ def tagged(data: bytes, fmt: str, tags: dict[str, str]) -> bytes:
     """The encoded file with its tags (ID3v2.4 for MP3 and WAV, Vorbis comments for FLAC)."""
     buf = io.BytesIO(data)
     if fmt == "flac":
-        from mutagen.flac import FLAC
-
         f = FLAC(buf)
         for k, v in tags.items():
             f[k.upper()] = v
@@ -274,8 +269,6 @@ def tagged(data: bytes, fmt: str, tags: dict[str, str]) -> bytes:
     elif fmt == "mp3":
         _id3(tags).save(buf)
     else:
-        from mutagen.wave import WAVE
-
         f = WAVE(buf)
         f.add_tags()
         f.tags.update(_id3(tags))
@@ -322,8 +315,6 @@ def _row(it: Item, output_dir: Path, done: dict[str, Any], data: bytes) -> dict[
 
 
 def export_one(it: Item, output_dir: Path, dest: Path, opts: ExportOptions) -> dict[str, Any]:
-    import soundfile as sf
-
     wav = it.sidecar.parent / (it.take.get("files") or {}).get("wav", "")
     audio, sr = sf.read(str(wav), dtype="float32", always_2d=True)
     data, done = loudness_matched(audio, sr, it.fmt, opts)

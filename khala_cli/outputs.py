@@ -26,12 +26,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import ffmpeg  # ffmpeg-python
 import numpy as np
+import soundfile as sf
 
 from khala_cli import __version__
 from khala_cli.analysis import analyse
 from khala_cli.model_numbers import FRAME_RATE, NUM_QUANTIZERS, SAMPLE_RATE
 from khala_cli.plan import Render
+
+# imageio_ffmpeg is imported in ffmpeg_exe(), only when no other ffmpeg is found, under a
+# guard: its absence is then an OutputError that says so, not a failed import of this module.
 
 MP3_BITRATE = "320k"
 MP3_SAMPLE_RATE = SAMPLE_RATE
@@ -158,8 +163,6 @@ def write_bytes(path: Path, data: bytes) -> dict[str, Any]:
 
 def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
     """24-bit PCM WAV, encoded in memory (so a disk error is the OS's, not libsndfile's)."""
-    import soundfile as sf
-
     buf = io.BytesIO()
     sf.write(buf, audio, int(sample_rate), subtype="PCM_24", format="WAV")
     return buf.getvalue()
@@ -178,8 +181,6 @@ def _mp3_metadata(render: Render) -> dict[str, str]:
 def mp3_bytes(wav: bytes, render: Render, *, demo: bool = False) -> bytes:
     """A 320 kb/s MP3 with tags, encoded by ffmpeg from WAV bytes through pipes;
     OutputError with ffmpeg's reason on failure."""
-    import ffmpeg  # ffmpeg-python
-
     meta = _mp3_metadata(render)
     if demo:
         meta["comment"] += f"; {DEMO_NOTE}"

@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 from khala_cli import __version__, exit_codes
 from khala_cli.plan import Plan, PlannedRender
 
@@ -200,8 +202,6 @@ def _hms(seconds: float) -> str:
 
 def summary_table(report: dict[str, Any]):
     """A rich Table summarising the run, for the terminal."""
-    from rich.table import Table
-
     s = report["summary"]
     t = Table(title="khala render: summary", show_header=False, title_justify="left")
     t.add_column("what", style="bold")

@@ -20,6 +20,10 @@ from typing import Any
 import numpy as np
 
 from khala_cli.analysis import FRAME_RATE, analyse
+from khala_cli.review import write_page
+
+# selenium is imported where the page's load time is measured: it is an optional (dev)
+# dependency, and without it the bench skips that measurement.
 
 SR = 44100
 
@@ -89,8 +93,6 @@ def _browser_load_s(page: Path) -> dict[str, float] | None:
 
 
 def bench_page(count: int = 10_000) -> dict[str, Any]:
-    from khala_cli.review import write_page
-
     with tempfile.TemporaryDirectory(prefix="khala-page-bench-") as tmp:
         root = Path(tmp)
         _synthetic_takes(root, count)

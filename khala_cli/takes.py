@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 
 from khala_cli.analysis import analyse
 from khala_cli.outputs import TMP_PREFIX, read_sidecar, write_json
@@ -86,8 +87,6 @@ def _inferred_ended(data: dict[str, Any]) -> str | None:
 
 def measure_again(take: TakeFile) -> dict[str, Any]:
     """A take's analysis from its WAV (and saved codes, when there are any)."""
-    import soundfile as sf
-
     data = take.data or {}
     files = data.get("files") or {}
     wav = take.path.parent / files.get("wav", f"{take.stem}.wav")

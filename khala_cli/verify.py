@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 from khala_cli.takes import TakeFile, read_takes
 
@@ -42,8 +43,6 @@ def _decode(path: Path, kind: str) -> str | None:
         if kind == "codes":
             c = np.load(path, allow_pickle=False)
             return None if c.ndim == 2 and c.size else f"codes of shape {c.shape}"
-        import soundfile as sf
-
         audio, _ = sf.read(str(path), dtype="float32", always_2d=True)
         return None if audio.shape[0] > 0 else "no audio in it"
     except Exception as exc:  # noqa: BLE001 - any failure to decode is the finding

@@ -6,6 +6,9 @@ import click
 
 from khala_cli import __version__, exit_codes
 
+# The command modules are imported in _register(), not here: each one imports `cli` from this
+# module to register its commands on it, so they can be imported only once `cli` exists.
+
 
 class Failure(Exception):
     """A command cannot go on: `lines` go to stderr and the process exits with `code`.

@@ -7,6 +7,10 @@ import json
 import click
 
 from khala_cli.cli import cli
+from khala_cli.review_bench import run
+
+# torch and the engine are imported inside the functions that run the engine benchmarks:
+# importing this module (every `khala` command, `--help` included) must never load torch.
 
 
 @cli.command("bench")
@@ -73,8 +77,6 @@ def bench(as_json: bool, device: str, threads: int | None, tiny: bool, review: b
 
 
 def _review(as_json: bool, takes: int) -> None:
-    from khala_cli.review_bench import run
-
     result = run(takes)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))

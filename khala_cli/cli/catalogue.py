@@ -6,16 +6,17 @@ import sys
 from pathlib import Path
 
 import click
+from rich.progress import Progress
 
 from khala_cli.cli import cli
 from khala_cli.cli.review import EXIT_BAD_INPUT, OUTPUT_DIR_ARG, _output_dir, review_page
+from khala_cli.export import ExportError, ExportOptions, export
+from khala_cli.keep import KeepError, apply, parse_take
 
 EXIT_NO_SPACE = 74
 
 
 def _takes(values: tuple[str, ...]) -> list[tuple[str, int]]:
-    from khala_cli.keep import KeepError, parse_take
-
     out, bad = [], []
     for v in (x for value in values for x in value.split(",") if x.strip()):
         try:
@@ -42,8 +43,6 @@ def keep_cmd(output_dir: Path, takes: tuple[str, ...], drop: tuple[str, ...], to
     The marks live in OUTPUT_DIR/keepers.json. An unknown job or seed, or a take that failed
     or was never rendered, exits 2 and changes nothing.
     """
-    from khala_cli.keep import KeepError, apply
-
     root = _output_dir(output_dir)
     only_set = {j for v in only for j in v.split(",") if j.strip()} or None
     try:
@@ -61,8 +60,6 @@ def keep_cmd(output_dir: Path, takes: tuple[str, ...], drop: tuple[str, ...], to
 def _progress(enabled: bool):
     if not enabled:
         return None, None
-    from rich.progress import Progress
-
     bar = Progress(transient=True)
     task = bar.add_task("exporting", total=None)
 
@@ -88,8 +85,6 @@ def export_cmd(output_dir: Path, dest: Path, formats: tuple[str, ...], loudness:
     DEST/<artist>/<album>/<NN> <title>.<ext>, loudness-matched and fully tagged, plus
     DEST/catalogue.csv and catalogue.json. Safe to repeat: only what changed is written.
     """
-    from khala_cli.export import ExportError, ExportOptions, export
-
     root = _output_dir(output_dir)
     try:
         target = None if loudness.strip().lower() == "off" else float(loudness)

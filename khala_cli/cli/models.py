@@ -1,8 +1,9 @@
 """`khala convert` and `khala doctor` (implemented with the weights layer).
 
-Importing this module imports neither torch nor megatron: `convert` loads the weights layer
-when it runs (it is a one-off, torch-using command, like `bench`); `doctor` probes torch and
-CUDA in a child process, so a broken CUDA install is reported rather than crashing it.
+Importing this module imports neither torch nor megatron: the weights layer imports them only
+inside the functions that convert (`convert` is a one-off, torch-using command, like `bench`);
+`doctor` probes torch and CUDA in a child process, so a broken CUDA install is reported rather
+than crashing it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,17 @@ import sys
 from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.markup import escape
 
 from khala_cli.cli import cli
+from khala_cli.outputs import ffmpeg_exe
+from khala_cli.runner import devices as dv
+from khala_cli.runner.devices import discover_gpus
+from khala_cli.weights import doctor
+from khala_cli.weights.convert import CONVERT_ERRORS, RichProgress, convert
+from khala_cli.weights.doctor import DevicePlan
+from khala_cli.weights.resolve import is_raw_download
 
 EXIT_OK, EXIT_MODEL = 0, 3
 
@@ -39,10 +49,6 @@ def convert_cmd(src: Path, dst: Path | None, iteration: str | None, tokenizer: P
     model weights are read (never the optimizer state); DST appears only when complete.
     Needs megatron-core (pip install 'khala-cli[convert]').
     """
-    from rich.console import Console
-
-    from khala_cli.weights.convert import CONVERT_ERRORS, RichProgress, convert
-
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         if quiet:
@@ -66,9 +72,6 @@ def convert_cmd(src: Path, dst: Path | None, iteration: str | None, tokenizer: P
 
 def _planner():
     """The runner's own memory defaults, so doctor and render agree on what a GPU holds."""
-    from khala_cli.runner import devices as dv
-    from khala_cli.weights.doctor import DevicePlan
-
     def plan(total: int, free: int, model: Path) -> DevicePlan:
         fp = dv.model_footprint(model)
         dev = dv.Device(name="cuda:0", kind="cuda", index=0, memory_total=total, memory_free=free)
@@ -97,11 +100,6 @@ def doctor_cmd(model: Path | None, output_dir: Path, as_json: bool) -> None:
     Each line is ok, warning or error with what to do. Exits 0 when rendering can work, 3 when
     an error stands in the way. Torch and CUDA are probed in a child process.
     """
-    from khala_cli.outputs import ffmpeg_exe
-    from khala_cli.runner.devices import discover_gpus
-    from khala_cli.weights import doctor
-    from khala_cli.weights.resolve import is_raw_download
-
     findings = doctor.diagnose(
         model, output_dir, find_ffmpeg=ffmpeg_exe, gpus_seen=len(discover_gpus()),
         planner=_planner(), is_raw_download=is_raw_download,
@@ -110,9 +108,6 @@ def doctor_cmd(model: Path | None, output_dir: Path, as_json: bool) -> None:
     if as_json:
         click.echo(doctor.as_json(findings))
         sys.exit(code)
-    from rich.console import Console
-    from rich.markup import escape
-
     out = Console(highlight=False, soft_wrap=True)
     style = {doctor.OK: "green", doctor.WARNING: "yellow", doctor.ERROR: "bold red"}
     width = max(len(f.topic) for f in findings)

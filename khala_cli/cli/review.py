@@ -8,6 +8,9 @@ from pathlib import Path
 import click
 
 from khala_cli.cli import cli
+from khala_cli.review import write_page
+from khala_cli.takes import NotAnOutputDir, backfill, check_output_dir, read_takes
+from khala_cli.verify import set_aside, verify
 
 EXIT_BAD_INPUT = 2
 
@@ -16,8 +19,6 @@ OUTPUT_DIR_ARG = click.argument("output_dir", type=click.Path(path_type=Path))
 
 def review_page(output_dir: Path) -> Path | None:
     """Rewrite the review page after a run; a failure is a warning, never the run's end."""
-    from khala_cli.review import write_page
-
     try:
         return write_page(output_dir)
     except Exception as exc:  # noqa: BLE001 - the renders and reports are already safe
@@ -27,8 +28,6 @@ def review_page(output_dir: Path) -> Path | None:
 
 
 def _output_dir(path: Path) -> Path:
-    from khala_cli.takes import NotAnOutputDir, check_output_dir
-
     try:
         return check_output_dir(path)
     except NotAnOutputDir as exc:
@@ -47,8 +46,6 @@ def analyse_cmd(output_dir: Path, force: bool) -> None:
     `analysis` to its sidecar. Nothing is rendered again and no render key changes. Then
     rewrites the review page.
     """
-    from khala_cli.takes import backfill, read_takes
-
     root = _output_dir(output_dir)
     done = failed = 0
     for take in read_takes(root):
@@ -76,8 +73,6 @@ def report_cmd(output_dir: Path) -> None:
     rebuilt at any time. The page is self-contained and uses relative links: copy the whole
     output directory and it still plays.
     """
-    from khala_cli.review import write_page
-
     path = write_page(_output_dir(output_dir))
     click.echo(str(path))
 
@@ -91,8 +86,6 @@ def verify_cmd(output_dir: Path, fix: bool) -> None:
 
     Names each damaged file and exits 1 when any is damaged (0 when all are whole).
     """
-    from khala_cli.verify import set_aside, verify
-
     root = _output_dir(output_dir)
     checked, damage = verify(root)
     for d in damage:

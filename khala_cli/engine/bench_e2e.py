@@ -23,10 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
+from khala_cli.engine.config import CodecConfig
 from khala_cli.engine.pipeline import Pipeline, Request
 from khala_cli.model_numbers import TOKENS_PER_MINUTE
+from khala_cli.weights.demo import _codec_config, build_random_model
 
 REAL_SIZES = {"hidden_size": 2048, "num_layers": 24, "num_heads": 32, "num_kv_heads": 8,
               "head_dim": 64, "ffn_hidden_size": 5632}
@@ -51,9 +54,6 @@ def shape(scale: float) -> dict[str, Any]:
 
 def model_dir(scale: float, root: Path = Path("checkpoints")) -> Path:
     """The bench model of this scale, built on first use (random, untrained: noise)."""
-    from khala_cli.engine.config import CodecConfig
-    from khala_cli.weights.demo import _codec_config, build_random_model
-
     sh = shape(scale)
     base = _codec_config()
     codec = CodecConfig(**{**asdict(base), **sh["codec"], "rates": (8, 8, 8, 4)})
@@ -88,8 +88,6 @@ class Peaks:
             self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), now)
 
     def _sample(self) -> None:
-        import psutil
-
         proc = psutil.Process()
         while not self._stop:
             self._record(proc.memory_info().rss / 1e9)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from dac.model.dac import Decoder
 from torch import nn
 
 from khala_cli.engine.config import CodecConfig
@@ -27,8 +28,6 @@ def build_decoder(config: CodecConfig) -> nn.Module:
     The Tanh is the last module of `decoder.model` and has no parameters, so dropping it
     leaves every state-dict name unchanged.
     """
-    from dac.model.dac import Decoder
-
     with warnings.catch_warnings():
         # dac builds its convs with the (deprecated) torch.nn.utils.weight_norm.
         warnings.simplefilter("ignore", FutureWarning)

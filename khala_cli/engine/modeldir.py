@@ -22,9 +22,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
+from khala_cli.engine.codec import Codec
 from khala_cli.engine.config import CodecConfig, ModelInfo, TransformerConfig
 from khala_cli.engine.tokens import TokenLayout
+from khala_cli.engine.transformer import Transformer
 
 FORMAT = "khala-model"
 FORMAT_VERSION = 1
@@ -68,8 +73,6 @@ def transformer_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
 
 def codec_shapes(cfg: CodecConfig) -> dict[str, tuple[int, ...]]:
     """`codebooks` and the DAC decoder's weight-norm state dict under `decoder.`."""
-    from khala_cli.engine.codec import Codec
-
     with torch.device("meta"):
         codec = Codec(cfg)
     return {k: tuple(v.shape) for k, v in codec.state_dict().items()}
@@ -148,8 +151,6 @@ def write_component(
     """Write `<name>.safetensors` and `<name>.json` into `directory`; return the tensors'
     file sha256. Names and shapes are checked against `config` first; floating tensors are
     cast to `dtype` when given."""
-    from safetensors.torch import save_file
-
     cls = _config_class(name)
     if not isinstance(config, cls):
         raise TypeError(f"{name} needs a {cls.__name__}, got {type(config).__name__}")
@@ -332,8 +333,6 @@ def read_config(model_dir: str | Path, name: str):
 def check_file(model_dir: str | Path, name: str, config) -> Path:
     """Check the names and shapes in `<name>.safetensors` against `config` (reads only the
     file's header); return the file's path."""
-    from safetensors import safe_open
-
     file = Path(model_dir) / f"{name}.safetensors"
     if not file.is_file():
         raise ModelDirError(f"{file}: missing")
@@ -348,16 +347,12 @@ def check_file(model_dir: str | Path, name: str, config) -> Path:
 
 def read_tensors(model_dir: str | Path, name: str, config, device="cpu") -> dict[str, torch.Tensor]:
     """The checked tensors of one component (names and shapes match `config`)."""
-    from safetensors.torch import load_file
-
     file = check_file(model_dir, name, config)
     return load_file(str(file), device=str(device))
 
 
 def load_transformer(model_dir: str | Path, which: str, device="cpu", dtype=torch.float32):
     """The backbone or super-res Transformer, weights checked, cast to `dtype`, in eval mode."""
-    from khala_cli.engine.transformer import Transformer
-
     if which not in TRANSFORMERS:
         raise ValueError(f"which must be one of {TRANSFORMERS}, got {which!r}")
     cfg = read_config(model_dir, which)
@@ -372,8 +367,6 @@ def load_transformer(model_dir: str | Path, which: str, device="cpu", dtype=torc
 
 def load_codec(model_dir: str | Path, device="cpu"):
     """The codec in float32 with weight norm folded into plain weights, in eval mode."""
-    from khala_cli.engine.codec import Codec
-
     cfg = read_config(model_dir, "codec")
     tensors = read_tensors(model_dir, "codec", cfg, "cpu")
     codec = Codec(cfg)
@@ -384,8 +377,6 @@ def load_codec(model_dir: str | Path, device="cpu"):
 
 
 def load_tokenizer(model_dir: str | Path):
-    from tokenizers import Tokenizer
-
     path = Path(model_dir) / TOKENIZER_JSON
     if not path.is_file():
         raise ModelDirError(f"{path}: missing")

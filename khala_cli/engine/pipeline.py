@@ -21,6 +21,7 @@ from khala_cli import model_numbers as mn
 from khala_cli.engine import modeldir
 from khala_cli.engine.backbone import BackboneRow, generate_rows
 from khala_cli.engine.config import CodecConfig, ModelInfo
+from khala_cli.engine.superres import upsample
 from khala_cli.engine.tokens import TokenLayout
 
 Progress = Callable[[str, int, int, dict], None]  # (phase, done, total, extra)
@@ -205,8 +206,6 @@ class Pipeline:
     def superres(self, req: Request, q01: Sequence[np.ndarray],
                  progress: Progress | None = None) -> list[np.ndarray]:
         """Per seed: int64 [num_quantizers, frames] codes (rows 0, 1 are the given q0, q1)."""
-        from khala_cli.engine.superres import upsample
-
         if len(q01) != len(req.seeds):
             raise ValueError(f"{len(q01)} q0/q1 arrays for {len(req.seeds)} seeds")
         if not req.seeds:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from khala_cli import model_numbers as mn
+from khala_cli.engine.config import CodecConfig
 
 GIB = 1024**3
 MAX_CPU_WORKERS = 64
@@ -230,8 +231,6 @@ def _config(model_dir: Path, name: str) -> dict:
 def model_footprint(model_dir: str | Path, dtype_bytes: int = 2) -> Footprint:
     """The memory model of a model directory; one that cannot be read gives the real Khala
     model's figures (~3 GB per transformer in bf16, 48 KiB of KV cache per row per token)."""
-    from khala_cli.engine.config import CodecConfig
-
     model_dir = Path(model_dir)
     stages = dict(_DEFAULT_WEIGHTS)
     for stage in stages:

@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+# torch is imported only by the oom fault that raises its error: the worker imports this
+# module before it has loaded torch (see worker.py).
+
 KINDS = ("crash", "hang", "hang_after_backbone", "oom", "oom_batch", "fail", "pause", "enospc")
 _POINTS = {"progress": ("crash", "hang", "oom", "oom_batch", "fail", "pause"),
            "after_backbone": ("hang_after_backbone",), "write": ("enospc",)}

@@ -21,6 +21,11 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
+
+# fcntl is imported where the lock needs it: it exists only on POSIX, and without it the
+# takeover guard is skipped.
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "lock"
@@ -46,8 +51,6 @@ def describe_holder(path: Path, holder: dict) -> str:
 def _pid_start(pid: int) -> float | None:
     """When a process started (to tell a reused pid from the holder), or None."""
     try:
-        import psutil
-
         return psutil.Process(pid).create_time()
     except Exception:
         return None

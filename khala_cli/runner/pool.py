@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from khala_cli.outputs import temp_files
 from khala_cli.plan import Render
 from khala_cli.runner import protocol
 from khala_cli.runner.devices import DevicePlan, plan_devices
@@ -478,8 +479,6 @@ class Pool:
     def _sweep(self) -> None:
         """Remove temporary files a killed earlier run left (we hold the lock: none is live),
         and logs and saved tokens older than KEEP_DAYS (renders whose settings changed)."""
-        from khala_cli.outputs import temp_files
-
         dirs = {Path(it.render.out_dir) for it in self.policy.items} | {self.khala_dir / "work"}
         for d in dirs:
             if d.is_dir():

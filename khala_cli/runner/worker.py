@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import io
 import json
 import os
 import queue
@@ -38,9 +39,19 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from khala_cli import model_numbers as mn
+from khala_cli import outputs
+from khala_cli.plan import Render
+from khala_cli.prompt import PromptSpec, prompt_ids
 from khala_cli.runner import protocol
 from khala_cli.runner.faults import Faults
+
+# torch and the engine are imported inside the functions that need them (Worker.load first),
+# after main() has set up the protocol channel: a torch or engine that fails to import is then
+# reported to the parent (fatal, or oom), and nothing printed while importing them reaches the
+# protocol stream.
 
 # ---------------------------------------------------------------------------------------
 # Process plumbing
@@ -128,8 +139,6 @@ def q01_stats_path(path: Path) -> Path:
 def save_q01(path: Path, row) -> None:
     """Keep a BackboneRow: its codes (.q01.npy) and how it ended (.q01.json, written first;
     the .npy is what counts as saved)."""
-    import numpy as np
-
     path.parent.mkdir(parents=True, exist_ok=True)
     stats = q01_stats_path(path)
     tmp = stats.with_name(f".tmp-{stats.name}.{os.getpid()}")
@@ -146,8 +155,6 @@ def save_q01(path: Path, row) -> None:
 def load_q01(path: Path, codebook_size: int):
     """(codes, ended, logprob_mean) of saved backbone tokens, or None when absent or
     unusable (an unusable file is removed). Tokens saved before their stats: unknown."""
-    import numpy as np
-
     if not path.exists():
         return None
     try:
@@ -180,12 +187,6 @@ def kept_path(output_dir: Path, render) -> Path:
 
 def keep_take(path: Path, take, info: dict) -> bool:
     """Keep a rendered take whose write failed; False if even that cannot be written."""
-    import io
-
-    import numpy as np
-
-    from khala_cli import outputs
-
     buf = io.BytesIO()
     np.savez(buf, audio=np.asarray(take.audio, dtype=np.float32),
              codes=np.asarray(take.codes, dtype=np.int16),
@@ -201,8 +202,6 @@ def keep_take(path: Path, take, info: dict) -> bool:
 
 def load_kept(path: Path):
     """(audio, codes, info) of a kept take, or None (an unusable file is removed)."""
-    import numpy as np
-
     if not path.exists():
         return None
     try:
@@ -222,8 +221,6 @@ def load_kept(path: Path):
 
 class Batch:
     def __init__(self, entries: list[dict]):
-        from khala_cli.plan import Render
-
         self.renders = [Render.from_dict(e["render"]) for e in entries]
         self.ids = {r.key: e["id"] for r, e in zip(self.renders, entries, strict=True)}
         self.first = self.renders[0]
@@ -308,7 +305,6 @@ class Worker:
     def _request(self, batch: Batch):
         from khala_cli.engine.backbone import BackboneRow
         from khala_cli.engine.pipeline import Request
-        from khala_cli.prompt import PromptSpec, prompt_ids
 
         r = batch.first
         spec = PromptSpec(mode=r.mode, prompt_mode=r.prompt_mode, tags=tuple(r.tags),
@@ -336,8 +332,6 @@ class Worker:
 
     def _write(self, batch: Batch, render, audio, codes, info: dict, take=None) -> None:
         """Write one take; on failure keep it (if it is not kept already) for the next try."""
-        from khala_cli import outputs
-
         try:
             self.faults.fire("write", {render.job_id}, 1)
             files = outputs.write_take(render, audio, int(self.pipeline.codec_config.sample_rate),

@@ -16,6 +16,7 @@ Run as `python -m khala_cli.weights.convert SRC [DST] [--iteration N] [--trust-c
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -26,6 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as Bars
 
 from khala_cli.engine.config import CodecConfig, ModelInfo, TransformerConfig
 from khala_cli.weights.megatron import (
@@ -38,6 +42,9 @@ from khala_cli.weights.megatron import (
 )
 from khala_cli.weights.resolve import default_destination
 from khala_cli.weights.safe_load import CheckpointReadError, UnsafeCheckpointError, safe_torch_load
+
+# torch and engine.modeldir (which imports torch) are imported inside the functions that
+# convert: cli/models imports this module in the parent, which never loads torch.
 
 # (stage, done, total, unit) -> None; stages: backbone, superres, codec, writing
 Progress = Callable[[str, int, int, str], None]
@@ -414,9 +421,7 @@ class RichProgress:
               "writing": "writing"}
 
     def __init__(self, console=None):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._progress = Progress(
+        self._progress = Bars(
             TextColumn("{task.description:<10}"), BarColumn(),
             TextColumn("{task.fields[amount]:>22}"), TextColumn("{task.fields[note]}"),
             TimeElapsedColumn(), console=console, transient=False,
@@ -451,8 +456,6 @@ class RichProgress:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m khala_cli.weights.convert",
                                 description="Convert the Khala download into a khala model directory.")
     p.add_argument("src")

@@ -16,6 +16,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from khala_cli.engine.config import CodecConfig, TransformerConfig
+from khala_cli.engine.modeldir import (
+    ModelDirError,
+    codec_shapes,
+    save_model_dir,
+    transformer_shapes,
+)
+from khala_cli.engine.tokens import TokenLayout
+
 DEMO_NAME = "demo (untrained, renders noise)"
 DEMO_SOURCE = (
     "khala_cli.weights.demo: random weights from a fixed seed; untrained, it renders noise, "
@@ -56,8 +68,6 @@ def _byte_alphabet() -> list[str]:
 def build_tokenizer():
     """Byte-level BPE with no merges (id = byte value) + the 256 Llama-3.1 specials at
     256..511, so the audio ids start at 512."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
     vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -74,14 +84,10 @@ DEMO_SIZES = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads"
 
 
 def _transformer_config(vocab_size: int, sizes: dict | None = None):
-    from khala_cli.engine.config import TransformerConfig
-
     return TransformerConfig(vocab_size=vocab_size, **(sizes or DEMO_SIZES))
 
 
 def _codec_config():
-    from khala_cli.engine.config import CodecConfig
-
     return CodecConfig(
         num_codebooks=NUM_QUANTIZERS, codebook_size=CODEBOOK_SIZE, latent_dim=16, n_filters=2,
         rates=(8, 8, 8, 4), channels=2, sample_rate=44100, window_frames=1920, overlap_frames=480,
@@ -89,10 +95,6 @@ def _codec_config():
 
 
 def _transformer_weights(cfg, gen, end_of_song_id: int | None) -> dict:
-    import torch
-
-    from khala_cli.engine.modeldir import transformer_shapes
-
     sd = {}
     for name, shape in sorted(transformer_shapes(cfg).items()):
         if name.endswith("norm.weight"):
@@ -127,10 +129,6 @@ def _suppress_end_of_song(sd: dict, cfg, end_of_song_id: int) -> None:
 
 
 def _codec_weights(cfg, gen) -> dict:
-    import torch
-
-    from khala_cli.engine.modeldir import codec_shapes
-
     shapes = codec_shapes(cfg)
     last_conv = max(
         (k for k in shapes if k.endswith("weight_v")), key=lambda k: int(k.split(".")[2])
@@ -170,11 +168,6 @@ def build_random_model(path: str | Path, *, name: str, source: str, demo: bool,
     """A model directory of random weights from SEED whose backbone never ends a song:
     transformer `sizes` (TransformerConfig fields; default the demo's), `vocab` (backbone,
     super-res rows; default the layout's), `codec` (CodecConfig; default the demo's)."""
-    import torch
-
-    from khala_cli.engine.modeldir import ModelDirError, save_model_dir
-    from khala_cli.engine.tokens import TokenLayout
-
     path = Path(path)
     if (path / "model.json").exists():
         return path

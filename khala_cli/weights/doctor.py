@@ -12,16 +12,24 @@ there is no error.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from safetensors import safe_open
+
+# torch and engine.modeldir (which imports torch) are imported only in the child probe, so
+# the doctor's own process never loads torch and a torch that fails to import becomes a
+# finding. psutil is imported under a guard: without it the doctor still reports, minus RAM.
 
 OK, WARNING, ERROR = "ok", "warning", "error"
 GIB = 1024**3
@@ -91,8 +99,6 @@ def _probe_main(model: str | None) -> dict[str, Any]:
 
 
 def _probe_model(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
     from khala_cli.engine import modeldir
 
     res: dict[str, Any] = {"problems": []}
@@ -348,9 +354,6 @@ def as_json(findings: list[Finding]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import warnings
-
     p = argparse.ArgumentParser(prog="python -m khala_cli.weights.doctor")
     p.add_argument("--probe", action="store_true", help="print the torch/CUDA/model probe as JSON")
     p.add_argument("--model")

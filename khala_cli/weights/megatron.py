@@ -23,6 +23,10 @@ from typing import Any
 
 from khala_cli.weights.safe_load import CheckpointReadError, safe_dcp_metadata, safe_torch_load
 
+# torch and megatron-core are imported inside the functions that use them: this module is
+# imported by the parent (cli/models -> weights.convert), which never loads torch, and
+# megatron-core is optional (khala-cli[convert]); its absence becomes a MegatronError.
+
 TRACKER = "latest_checkpointed_iteration.txt"
 COMMON = "common.pt"
 DCP_METADATA = ".metadata"

@@ -15,6 +15,7 @@ metadata dataclasses.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
 import importlib
 import io
@@ -27,6 +28,10 @@ import typing
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+
+# torch is imported inside the functions that load: this module is imported by the parent
+# (cli/models -> weights.convert), which never loads torch. numpy is imported, under a guard,
+# where the allow-list is built: its classes join the list only where numpy.dtypes imports.
 
 TRUST_HINT = (
     "If you trust where this file came from, re-run with --trust-checkpoint to load it "
@@ -293,8 +298,6 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
         self._path = path
 
     def find_class(self, module: str, name: str) -> Any:
-        import dataclasses
-
         import torch
 
         if (module, name) in _DCP_EXACT:
