@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from megatron_fixtures import write_raw_download
 
+from khala_cli import outputs
 from khala_cli.weights import doctor
 from khala_cli.weights.convert import convert
 from khala_cli.weights.doctor import ERROR, OK, WARNING, DevicePlan, Finding
@@ -178,14 +179,14 @@ def test_ffmpeg_lines(tmp_path):
 @pytest.mark.parametrize("takes,level", [(1000, OK), (doctor.DISK_WARN_TAKES - 1, WARNING),
                                          (0, ERROR)])
 def test_disk_lines(tmp_path, monkeypatch, takes, level):
-    take = 3 * doctor.TAKE_BYTES_PER_MINUTE
+    take = outputs.bytes_per_take(3)
 
     class Usage:
         total, used, free = 100 * GIB, 0, takes * take + take // 2
 
     seen = []
     monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: seen.append(p) or Usage)
-    line = doctor.check_disk(tmp_path / "not" / "yet")
+    line = doctor.check_disk(tmp_path / "not" / "yet", take)
     assert line.level == level, line
     assert seen == [tmp_path]  # a folder not made yet: its nearest existing parent is measured
     assert str(tmp_path / "not" / "yet") in line.message and f"about {takes} " in line.message

@@ -8,12 +8,11 @@ from pathlib import Path
 import click
 from rich.progress import Progress
 
-from khala_cli.cli import cli
-from khala_cli.cli.review import EXIT_BAD_INPUT, OUTPUT_DIR_ARG, _output_dir, review_page
+from khala_cli import exit_codes
+from khala_cli.cli import Failure, cli
+from khala_cli.cli.review import OUTPUT_DIR_ARG, _output_dir, review_page
 from khala_cli.export import ExportError, ExportOptions, export
 from khala_cli.keep import KeepError, apply, parse_take
-
-EXIT_NO_SPACE = 74
 
 
 def _takes(values: tuple[str, ...]) -> list[tuple[str, int]]:
@@ -24,8 +23,7 @@ def _takes(values: tuple[str, ...]) -> list[tuple[str, int]]:
         except KeepError as exc:
             bad.append(str(exc))
     if bad:
-        click.echo("error: " + "\n  ".join(bad), err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        raise Failure(exit_codes.USAGE, "error: " + "\n  ".join(bad))
     return out
 
 
@@ -48,8 +46,7 @@ def keep_cmd(output_dir: Path, takes: tuple[str, ...], drop: tuple[str, ...], to
     try:
         marks, dropped = apply(root, _takes(takes), _takes(drop), top=top, only=only_set)
     except KeepError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        raise Failure(exit_codes.USAGE, f"error: {exc}") from None
     review_page(root)
     click.echo(f"{len(marks)} keepers in {root / 'keepers.json'}"
                + (f" ({len(dropped)} dropped)" if dropped else ""))
@@ -89,11 +86,10 @@ def export_cmd(output_dir: Path, dest: Path, formats: tuple[str, ...], loudness:
     try:
         target = None if loudness.strip().lower() == "off" else float(loudness)
     except ValueError:
-        click.echo(f"error: --loudness {loudness!r}: give LUFS (e.g. -14) or off", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        raise Failure(exit_codes.USAGE,
+                      f"error: --loudness {loudness!r}: give LUFS (e.g. -14) or off") from None
     if target is not None and not -40.0 <= target <= -5.0:
-        click.echo(f"error: --loudness {target:g} is out of range -40..-5 LUFS", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        raise Failure(exit_codes.USAGE, f"error: --loudness {target:g} is out of range -40..-5 LUFS")
     opts = ExportOptions(formats=tuple(dict.fromkeys(formats or ("mp3",))), loudness=target,
                          true_peak=true_peak, force=force)
     tty = sys.stderr.isatty()
@@ -110,7 +106,7 @@ def export_cmd(output_dir: Path, dest: Path, formats: tuple[str, ...], loudness:
             if bar:
                 bar.stop()
     except ExportError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_NO_SPACE if exc.no_space else EXIT_BAD_INPUT)
+        raise Failure(exit_codes.NO_SPACE if exc.no_space else exit_codes.USAGE,
+                      f"error: {exc}") from None
     click.echo(f"exported {len(res.written)} files, {len(res.unchanged)} unchanged, "
                f"{len(res.removed)} removed (no longer kept); catalogue {dest / 'catalogue.csv'}")

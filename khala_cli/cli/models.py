@@ -8,23 +8,21 @@ than crashing it.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.markup import escape
 
-from khala_cli.cli import cli
-from khala_cli.outputs import ffmpeg_exe
+from khala_cli import exit_codes
+from khala_cli.cli import Failure, cli
+from khala_cli.outputs import bytes_per_take, ffmpeg_exe
 from khala_cli.runner import devices as dv
 from khala_cli.runner.devices import discover_gpus
 from khala_cli.weights import doctor
 from khala_cli.weights.convert import CONVERT_ERRORS, RichProgress, convert
 from khala_cli.weights.doctor import DevicePlan
 from khala_cli.weights.resolve import is_raw_download
-
-EXIT_OK, EXIT_MODEL = 0, 3
 
 
 @cli.command("convert")
@@ -59,9 +57,7 @@ def convert_cmd(src: Path, dst: Path | None, iteration: str | None, tokenizer: P
                 report = convert(src, dst, iteration=iteration, trust=trust_checkpoint,
                                  tokenizer=tokenizer, name=name, progress=bars)
     except CONVERT_ERRORS as exc:
-        click.echo(f"error: {exc}", err=True)
-        click.echo("nothing was written.", err=True)
-        sys.exit(EXIT_MODEL)
+        raise Failure(exit_codes.MODEL, f"error: {exc}", "nothing was written.") from None
     info = report.info
     its = ", ".join(f"{k} iter {v}" for k, v in report.iterations.items())
     click.echo(f"converted {report.model_dir} ({its}) in {report.seconds:.0f} s")
@@ -102,12 +98,12 @@ def doctor_cmd(model: Path | None, output_dir: Path, as_json: bool) -> None:
     """
     findings = doctor.diagnose(
         model, output_dir, find_ffmpeg=ffmpeg_exe, gpus_seen=len(discover_gpus()),
-        planner=_planner(), is_raw_download=is_raw_download,
+        planner=_planner(), is_raw_download=is_raw_download, take_bytes=bytes_per_take(3),
     )
     code = doctor.exit_code(findings)
     if as_json:
         click.echo(doctor.as_json(findings))
-        sys.exit(code)
+        raise click.exceptions.Exit(code)
     out = Console(highlight=False, soft_wrap=True)
     style = {doctor.OK: "green", doctor.WARNING: "yellow", doctor.ERROR: "bold red"}
     width = max(len(f.topic) for f in findings)
@@ -121,4 +117,4 @@ def doctor_cmd(model: Path | None, output_dir: Path, as_json: bool) -> None:
         out.print(f"[bold red]{errors} error(s)[/]: rendering cannot work until they are fixed.")
     else:
         out.print(f"[green]rendering can work[/] ({warnings} warning(s)).")
-    sys.exit(code)
+    raise click.exceptions.Exit(code)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from khala_cli.cli import cli
+from khala_cli import exit_codes
+from khala_cli.cli import Failure, cli
 from khala_cli.review import write_page
 from khala_cli.takes import NotAnOutputDir, backfill, check_output_dir, read_takes
 from khala_cli.verify import set_aside, verify
-
-EXIT_BAD_INPUT = 2
 
 OUTPUT_DIR_ARG = click.argument("output_dir", type=click.Path(path_type=Path))
 
@@ -31,8 +29,7 @@ def _output_dir(path: Path) -> Path:
     try:
         return check_output_dir(path)
     except NotAnOutputDir as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        raise Failure(exit_codes.USAGE, f"error: {exc}") from None
 
 
 @cli.command("analyse")
@@ -61,7 +58,8 @@ def analyse_cmd(output_dir: Path, force: bool) -> None:
     page = review_page(root)
     click.echo(f"analysed {done} takes" + (f", {failed} could not be read" if failed else "")
                + (f"; review page {page}" if page else ""))
-    sys.exit(1 if failed else 0)
+    if failed:
+        raise click.exceptions.Exit(exit_codes.FAILED)
 
 
 @cli.command("report")
@@ -98,4 +96,5 @@ def verify_cmd(output_dir: Path, fix: bool) -> None:
     takes = len({d.sidecar for d in damage})
     click.echo(f"verified {checked} takes: " + (f"{takes} damaged ({len(damage)} files)"
                                                 if damage else "all whole"))
-    sys.exit(1 if damage else 0)
+    if damage:
+        raise click.exceptions.Exit(exit_codes.FAILED)

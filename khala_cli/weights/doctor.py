@@ -27,6 +27,8 @@ from typing import Any
 
 from safetensors import safe_open
 
+from khala_cli import exit_codes
+
 # torch and engine.modeldir (which imports torch) are imported only in the child probe, so
 # the doctor's own process never loads torch and a torch that fails to import becomes a
 # finding. psutil is imported under a guard: without it the doctor still reports, minus RAM.
@@ -35,8 +37,6 @@ OK, WARNING, ERROR = "ok", "warning", "error"
 GIB = 1024**3
 PROBE_TIMEOUT = 180.0
 MIN_PYTHON = (3, 10)
-# One take on disk: 24-bit stereo 44.1 kHz WAV + 320 kb/s MP3 + JSON, per minute of audio.
-TAKE_BYTES_PER_MINUTE = 44100 * 2 * 3 * 60 + 320_000 // 8 * 60
 DISK_WARN_TAKES = 50  # warn below room for this many 3-minute takes
 
 
@@ -65,7 +65,7 @@ Planner = Callable[[int, int, Path], DevicePlan]
 
 def exit_code(findings: list[Finding]) -> int:
     """0 when rendering can work (no error), else 3 (model/environment error)."""
-    return 3 if any(f.level == ERROR for f in findings) else 0
+    return exit_codes.MODEL if any(f.level == ERROR for f in findings) else exit_codes.OK
 
 
 # ---- the child probe -----------------------------------------------------------------------
@@ -301,8 +301,9 @@ def check_devices(probe: dict[str, Any], model: Path | None, planner: Planner | 
     return out
 
 
-def check_disk(output_dir: Path) -> Finding:
-    """Free space (and write access) where the takes will go."""
+def check_disk(output_dir: Path, take: int) -> Finding:
+    """Free space (and write access) where the takes will go; `take`: the bytes of one
+    3-minute take (outputs.bytes_per_take, passed in: outputs sits above this layer)."""
     probe = output_dir
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -312,7 +313,6 @@ def check_disk(output_dir: Path) -> Finding:
         return Finding(ERROR, "disk", f"{output_dir}: {exc}", "choose another --output-dir")
     if not os.access(probe, os.W_OK):
         return Finding(ERROR, "disk", f"{probe} is not writable", "choose another output directory")
-    take = 3 * TAKE_BYTES_PER_MINUTE
     takes = usage.free // take
     text = (f"{output_dir}: {usage.free / GIB:.1f} GiB free, room for about {takes} "
             f"3-minute takes (~{take / 1e6:.0f} MB each)")
@@ -324,7 +324,7 @@ def check_disk(output_dir: Path) -> Finding:
 
 
 def diagnose(model: Path | None, output_dir: Path, *, find_ffmpeg: Callable[[], str],
-             gpus_seen: int = 0, planner: Planner | None = None,
+             take_bytes: int, gpus_seen: int = 0, planner: Planner | None = None,
              is_raw_download: Callable[[Path], bool] = lambda p: False,
              probe: dict[str, Any] | None = None) -> list[Finding]:
     """All findings, in the order they are printed."""
@@ -345,7 +345,7 @@ def diagnose(model: Path | None, output_dir: Path, *, find_ffmpeg: Callable[[], 
     findings.append(check_ffmpeg(find_ffmpeg))
     findings += check_model(model, probe, is_raw_download)
     findings += check_devices(probe, model, planner, ram)
-    findings.append(check_disk(output_dir.expanduser().resolve()))
+    findings.append(check_disk(output_dir.expanduser().resolve(), take_bytes))
     return findings
 
 
