@@ -9,7 +9,16 @@ import torch
 
 from khala_cli.engine.config import TransformerConfig
 from khala_cli.engine.tokens import PAD
-from khala_cli.engine.transformer import RMSNorm, Transformer, apply_rope, rope_angles
+from khala_cli.engine.transformer import (
+    SPLIT_MAX_ROWS,
+    RMSNorm,
+    Transformer,
+    _checked_chunks,
+    _split_linear,
+    apply_rope,
+    rope_angles,
+    row_linear,
+)
 
 CFG = TransformerConfig(
     vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -312,22 +321,21 @@ def threads(request):
 
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 def test_row_linear_is_f_linear_bit_for_bit(threads):
-    from khala_cli.engine.transformer import _checked_chunks, _split_linear, row_linear
-
     torch.manual_seed(0)
+    split = 0
     for n, k in [(128, 64), (384, 128), (1408, 512), (512, 1408), (130, 64), (32, 32)]:
         w = torch.randn(n, k) * 0.05
         for b in (torch.randn(n), None):
-            chunks = _checked_chunks(w, b, threads)
-            assert chunks == 1 or (n % chunks == 0 and 1 < chunks <= threads)
-            for shape in [(1, 1, k), (1, k), (k,)]:  # 1-D: F.linear's own matrix-vector kernel
-                x = torch.randn(shape)
+            for shape in [(1, 1, k), (1, k), (3, 1, k), (8, k), (k,), (SPLIT_MAX_ROWS + 1, 1, k)]:
+                chunks = _checked_chunks(torch.Size(shape), w, b, threads) if len(shape) > 1 else 1
+                assert chunks == 1 or (n % chunks == 0 and 1 < chunks <= threads)
+                split += chunks > 1
+                x = torch.randn(shape)  # 1-D: F.linear's own matrix-vector kernel
                 want = torch.nn.functional.linear(x, w, b)
                 assert torch.equal(row_linear(x, w, b), want)
-                if chunks > 1:  # the one-row check stands for every input
+                if chunks > 1:  # the check on random inputs stands for every input
                     assert torch.equal(_split_linear(x, w, b, chunks), want)
-    x, w = torch.randn(2, 1, 64), torch.randn(128, 64)  # two rows: F.linear itself
-    assert torch.equal(row_linear(x, w), torch.nn.functional.linear(x, w))
+    assert split > 0 if threads > 1 else split == 0  # on one thread nothing is split
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)

@@ -59,52 +59,55 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
-# A row product split across threads gives each chunk a multiple of this many output rows:
+# A product split across threads gives each chunk a multiple of this many output rows:
 # BLAS kernels compute the rows in vector blocks and a partial block at the end of a chunk
 # can round differently; tiny chunks also leave the BLAS for torch's own loop.
 CHUNK_ROWS = 64
-_ROW_CHUNKS: dict[tuple, int] = {}  # (weight shape, has bias, threads) -> chunks, 1 = don't
+SPLIT_MAX_ROWS = 64  # a decode step's batch; longer inputs (prefill) thread well in F.linear
+_ROW_CHUNKS: dict[tuple, int] = {}  # (x shape, weight shape, has bias, threads) -> chunks
 
 
 def row_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """F.linear(x, w, b) for x holding one row ([1, in] or [1, 1, in]; F.linear of a 1-D x
-    is a matrix-vector product that rounds differently, and stays one).
+    """F.linear(x, w, b) for x of a few rows: [B, 1, in] or [B, in], B <= SPLIT_MAX_ROWS
+    (F.linear of a 1-D x is a matrix-vector product that rounds differently, and stays one).
 
-    On the CPU in fp32 the weight's rows go in one chunk per thread through one batched
-    product: MKL runs a single-row product on one core, which reads the weights at about
-    half the machine's memory bandwidth, and the batched product spreads its chunks over
-    the threads. Every output element is the same dot product as in F.linear, so the
-    result is bit-identical; that is checked once per shape, and a shape that differs
-    stays on F.linear."""
+    On the CPU in fp32 the weight's output rows go in one chunk per thread through one
+    batched product: MKL runs a product of a few rows on one core, which reads the weights
+    at about half the machine's memory bandwidth, and the batched product spreads its chunks
+    over the threads. Every output element is the same dot product as in F.linear, so the
+    result is bit-identical; that is checked once per shape, and a shape that differs stays
+    on F.linear."""
     chunks = _row_chunks(x, w, b)
     return F.linear(x, w, b) if chunks == 1 else _split_linear(x, w, b, chunks)
 
 
 def _split_linear(x: Tensor, w: Tensor, b: Tensor | None, chunks: int) -> Tensor:
     n, k = w.shape
+    rows = x.numel() // k
     wt = w.view(chunks, n // chunks, k).transpose(1, 2)
-    xs = x.reshape(1, 1, k).expand(chunks, 1, k)
+    xs = x.reshape(1, rows, k).expand(chunks, rows, k)
     y = torch.bmm(xs, wt) if b is None else torch.baddbmm(b.reshape(chunks, 1, -1), xs, wt)
-    return y.view(*x.shape[:-1], n)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], n)  # [chunks, rows, n / chunks] -> rows
 
 
 def _row_chunks(x: Tensor, w: Tensor, b: Tensor | None) -> int:
-    if (x.dim() < 2 or x.numel() != w.shape[1] or not x.is_cpu or x.dtype != torch.float32
-            or w.dtype != x.dtype or not w.is_contiguous()):
+    if (x.dim() < 2 or x.shape[-1] != w.shape[1] or x.numel() > SPLIT_MAX_ROWS * w.shape[1]
+            or not x.is_cpu or x.dtype != torch.float32 or w.dtype != x.dtype
+            or not w.is_contiguous()):
         return 1
-    key = (tuple(w.shape), b is not None, torch.get_num_threads())
+    key = (tuple(x.shape), tuple(w.shape), b is not None, torch.get_num_threads())
     if key not in _ROW_CHUNKS:
-        _ROW_CHUNKS[key] = _checked_chunks(w, b, key[2])
+        _ROW_CHUNKS[key] = _checked_chunks(x.shape, w, b, key[3])
     return _ROW_CHUNKS[key]
 
 
-def _checked_chunks(w: Tensor, b: Tensor | None, threads: int) -> int:
+def _checked_chunks(shape: torch.Size, w: Tensor, b: Tensor | None, threads: int) -> int:
     """The most chunks (<= threads, of a multiple of CHUNK_ROWS rows each) whose split
-    product equals F.linear bit for bit on a few test rows; 1 if none."""
-    n, k = w.shape
+    product equals F.linear bit for bit on a few random inputs of x's shape; 1 if none."""
+    n, _ = w.shape
     chunks = next((c for c in range(min(threads, n // CHUNK_ROWS), 1, -1)
                    if n % (c * CHUNK_ROWS) == 0), 1)
-    test = torch.randn(4, 1, k, generator=torch.Generator().manual_seed(0)).to(w.dtype)
+    test = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0)).to(w.dtype)
     for x in test if chunks > 1 else ():
         if not torch.equal(_split_linear(x, w, b, chunks), F.linear(x, w, b)):
             return 1
