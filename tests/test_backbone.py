@@ -310,3 +310,33 @@ def test_compiled_decode_on_cpu_matches_eager(temperature, seeds):
     comp, comp_lp = backbone.decode_tokens(model, LAYOUT, PROMPT, seeds, compile=True, **kw)
     assert np.array_equal(comp, eager)
     np.testing.assert_allclose(comp_lp, eager_lp, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("temperature,seeds", [(0.0, [1]), (0.9, [4]), (0.9, [1, 2, 3])])
+def test_eager_step_draws_what_the_plain_step_draws(monkeypatch, threads, temperature, seeds):
+    """The eager decode (step_hidden, row_linear) gives the tokens and log-probabilities of
+    the plain one (decode_hidden at the position, F.linear), bit for bit."""
+    wide = TransformerConfig(vocab_size=LAYOUT.backbone_vocab, hidden_size=128, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=32, ffn_hidden_size=384,
+                             max_seq_len=256)
+    torch.manual_seed(5)
+    model = Transformer(wide).eval()
+    kw = {"top_k": 5, "temperature": temperature, "max_new_tokens": 40, "with_logprobs": True,
+          "stop_at_end": False}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast, fast_lp = backbone.decode_tokens(model, LAYOUT, PROMPT, seeds, **kw)
+
+        def plain_step(self, ids, pos):
+            h = self.decode_hidden(ids[:, None], torch.tensor([pos]), pos + 1, masked=False)
+            return h[:, -1]
+
+        monkeypatch.setattr(Transformer, "step_hidden", plain_step)
+        monkeypatch.setattr(backbone, "row_linear", torch.nn.functional.linear)
+        plain, plain_lp = backbone.decode_tokens(model, LAYOUT, PROMPT, seeds, **kw)
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(fast, plain)
+    assert np.array_equal(fast_lp, plain_lp)

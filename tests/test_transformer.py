@@ -9,7 +9,16 @@ import torch
 
 from khala_cli.engine.config import TransformerConfig
 from khala_cli.engine.tokens import PAD
-from khala_cli.engine.transformer import RMSNorm, Transformer, apply_rope, rope_angles
+from khala_cli.engine.transformer import (
+    SPLIT_MAX_ROWS,
+    RMSNorm,
+    Transformer,
+    _checked_chunks,
+    _split_linear,
+    apply_rope,
+    rope_angles,
+    row_linear,
+)
 
 CFG = TransformerConfig(
     vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -292,3 +301,57 @@ def test_cuda_full_attention_matches_cpu():
         cpu = model.full_hidden(ids, key_mask)
         gpu = model.cuda().full_hidden(ids.cuda(), key_mask.cuda(), q_block=7).cpu()
     torch.testing.assert_close(cpu[key_mask], gpu[key_mask], rtol=1e-3, atol=1e-3)
+
+
+# ---- the eager decode step ---------------------------------------------------------
+
+WIDE = TransformerConfig(  # rows enough for row_linear to split its products over threads
+    vocab_size=400, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+    ffn_hidden_size=384, norm_eps=1e-6, rope_base=10000.0, max_seq_len=64,
+)
+
+
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+def test_row_linear_is_f_linear_bit_for_bit(threads):
+    torch.manual_seed(0)
+    split = 0
+    for n, k in [(128, 64), (384, 128), (1408, 512), (512, 1408), (130, 64), (32, 32)]:
+        w = torch.randn(n, k) * 0.05
+        for b in (torch.randn(n), None):
+            for shape in [(1, 1, k), (1, k), (3, 1, k), (8, k), (k,), (SPLIT_MAX_ROWS + 1, 1, k)]:
+                chunks = _checked_chunks(torch.Size(shape), w, b, threads) if len(shape) > 1 else 1
+                assert chunks == 1 or (n % chunks == 0 and 1 < chunks <= threads)
+                split += chunks > 1
+                x = torch.randn(shape)  # 1-D: F.linear's own matrix-vector kernel
+                want = torch.nn.functional.linear(x, w, b)
+                assert torch.equal(row_linear(x, w, b), want)
+                if chunks > 1:  # the check on random inputs stands for every input
+                    assert torch.equal(_split_linear(x, w, b, chunks), want)
+    assert split > 0 if threads > 1 else split == 0  # on one thread nothing is split
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_step_hidden_equals_unmasked_decode_hidden(threads, batch):
+    """The eager step is the unmasked one-token decode_hidden, bit for bit, caches included."""
+    plain, lean = make_model(WIDE), make_model(WIDE)
+    torch.manual_seed(2)
+    seq = torch.randint(0, 400, (batch, 20))
+    with torch.inference_mode():
+        for m in (plain, lean):
+            m.setup_cache(batch, 40)
+            m.decode_hidden(seq[:, :5], torch.arange(5), 5, masked=False)
+        for t in range(5, 20):
+            want = plain.decode_hidden(seq[:, t : t + 1], torch.tensor([t]), t + 1, masked=False)
+            assert torch.equal(lean.step_hidden(seq[:, t], t), want[:, -1])
+        for a, b in zip(plain.layers, lean.layers, strict=True):
+            assert torch.equal(a.attn.cache.k, b.attn.cache.k)
+            assert torch.equal(a.attn.cache.v, b.attn.cache.v)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from khala_cli.engine.sampling import STREAM_BACKBONE, row_keys, sample_top_k, seed_tensor
 from khala_cli.engine.tokens import TokenLayout
-from khala_cli.engine.transformer import Transformer
+from khala_cli.engine.transformer import Transformer, row_linear
 
 CHECK_EVERY = 64  # steps between host looks (stop at end-of-song, progress)
 # Compiled / graphed steps read keys up to the next multiple of this, with a causal mask
@@ -53,7 +53,7 @@ class _Decoder:
 
     def sample(self, hidden: Tensor, parity: int) -> None:
         """Sample token `step` from hidden [B, hidden]; record it; advance the counters."""
-        logits = torch.nn.functional.linear(hidden, self.weights[parity])
+        logits = row_linear(hidden, self.weights[parity])
         tok, logp = sample_top_k(logits, self.keys, top_k=self.top_k,
                                  temperature=self.temperature, step=self.step,
                                  candidate_ids=self.ids[parity], with_logprob=True)
@@ -65,8 +65,12 @@ class _Decoder:
 
     def step_fn(self, parity: int, kv_len: int, masked: bool = True) -> None:
         """Feed `tok` at `pos`, sample the next token (of the given parity). masked=False:
-        kv_len is exactly pos + 1 (eager decoding reads no key past the position)."""
-        h = self.model.decode_hidden(self.tok[:, None], self.pos, kv_len, masked=masked)
+        kv_len is exactly pos + 1 (eager decoding reads no key past the position), which
+        the host knows, so the eager step takes the leaner `step_hidden`."""
+        if not masked:
+            self.sample(self.model.step_hidden(self.tok, kv_len - 1), parity)
+            return
+        h = self.model.decode_hidden(self.tok[:, None], self.pos, kv_len, masked=True)
         self.sample(h[:, -1], parity)
 
 

@@ -59,6 +59,61 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+# A product split across threads gives each chunk a multiple of this many output rows:
+# BLAS kernels compute the rows in vector blocks and a partial block at the end of a chunk
+# can round differently; tiny chunks also leave the BLAS for torch's own loop.
+CHUNK_ROWS = 64
+SPLIT_MAX_ROWS = 64  # a decode step's batch; longer inputs (prefill) thread well in F.linear
+_ROW_CHUNKS: dict[tuple, int] = {}  # (x shape, weight shape, has bias, threads) -> chunks
+
+
+def row_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """F.linear(x, w, b) for x of a few rows: [B, 1, in] or [B, in], B <= SPLIT_MAX_ROWS
+    (F.linear of a 1-D x is a matrix-vector product that rounds differently, and stays one).
+
+    On the CPU in fp32 the weight's output rows go in one chunk per thread through one
+    batched product: MKL runs a product of a few rows on one core, which reads the weights
+    at about half the machine's memory bandwidth, and the batched product spreads its chunks
+    over the threads. Every output element is the same dot product as in F.linear, so the
+    result is bit-identical; that is checked once per shape, and a shape that differs stays
+    on F.linear."""
+    chunks = _row_chunks(x, w, b)
+    return F.linear(x, w, b) if chunks == 1 else _split_linear(x, w, b, chunks)
+
+
+def _split_linear(x: Tensor, w: Tensor, b: Tensor | None, chunks: int) -> Tensor:
+    n, k = w.shape
+    rows = x.numel() // k
+    wt = w.view(chunks, n // chunks, k).transpose(1, 2)
+    xs = x.reshape(1, rows, k).expand(chunks, rows, k)
+    y = torch.bmm(xs, wt) if b is None else torch.baddbmm(b.reshape(chunks, 1, -1), xs, wt)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], n)  # [chunks, rows, n / chunks] -> rows
+
+
+def _row_chunks(x: Tensor, w: Tensor, b: Tensor | None) -> int:
+    if (x.dim() < 2 or x.shape[-1] != w.shape[1] or x.numel() > SPLIT_MAX_ROWS * w.shape[1]
+            or not x.is_cpu or x.dtype != torch.float32 or w.dtype != x.dtype
+            or not w.is_contiguous()):
+        return 1
+    key = (tuple(x.shape), tuple(w.shape), b is not None, torch.get_num_threads())
+    if key not in _ROW_CHUNKS:
+        _ROW_CHUNKS[key] = _checked_chunks(x.shape, w, b, key[3])
+    return _ROW_CHUNKS[key]
+
+
+def _checked_chunks(shape: torch.Size, w: Tensor, b: Tensor | None, threads: int) -> int:
+    """The most chunks (<= threads, of a multiple of CHUNK_ROWS rows each) whose split
+    product equals F.linear bit for bit on a few random inputs of x's shape; 1 if none."""
+    n, _ = w.shape
+    chunks = next((c for c in range(min(threads, n // CHUNK_ROWS), 1, -1)
+                   if n % (c * CHUNK_ROWS) == 0), 1)
+    test = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0)).to(w.dtype)
+    for x in test if chunks > 1 else ():
+        if not torch.equal(_split_linear(x, w, b, chunks), F.linear(x, w, b)):
+            return 1
+    return chunks
+
+
 class KVCache:
     """Static cache of one layer: [B, kv_heads, max_len, head_dim] keys and values."""
 
@@ -122,6 +177,22 @@ class Attention(nn.Module):
             y = _blocked_attention(q, k, v, mask, q_block)
         return self.wo(y.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
+    def step(self, x: Tensor, cos: Tensor, sin: Tensor, pos: int) -> Tensor:
+        """The cached decode of one token per row at host position `pos`, reading keys
+        0..pos: forward(x, input_pos=[pos], kv_len=pos + 1) without a mask, with the same
+        arithmetic. x: [B, 1, hidden]; cos, sin: [1, head_dim // 2]."""
+        b, d, g = x.shape[0], self.head_dim, self.num_kv_heads
+        q = row_linear(x, self.wq.weight, self.wq.bias).view(b, self.num_heads, 1, d)
+        k = row_linear(x, self.wk.weight, self.wk.bias).view(b, g, 1, d)
+        v = row_linear(x, self.wv.weight, self.wv.bias).view(b, g, 1, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache = self.cache
+        cache.k[:b, :, pos : pos + 1] = k
+        cache.v[:b, :, pos : pos + 1] = v
+        y = F.scaled_dot_product_attention(q.view(b, g, -1, d), cache.k[:b, :, : pos + 1],
+                                           cache.v[:b, :, : pos + 1])
+        return row_linear(y.view(b, 1, -1), self.wo.weight, self.wo.bias)
+
 
 def _blocked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_block: int | None) -> Tensor:
     """Exact non-causal attention over query blocks. mask: [B, 1, 1, S] bool (True = attend)."""
@@ -161,6 +232,15 @@ class MLP(nn.Module):
             up = up + self.w_up.bias
         return self.w_down(F.silu(gate) * up)
 
+    def step(self, x: Tensor) -> Tensor:
+        """forward for one row per batch row ([B, 1, hidden]), through row_linear."""
+        gate = row_linear(x, self.w_gate.weight, self.w_gate.bias)
+        up = row_linear(x, self.w_up.weight, self.w_up.bias)
+        if self.double_bias:
+            gate = gate + self.w_gate.bias
+            up = up + self.w_up.bias
+        return row_linear(F.silu(gate) * up, self.w_down.weight, self.w_down.bias)
+
 
 class Block(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
@@ -173,6 +253,10 @@ class Block(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, **attn_kwargs) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, **attn_kwargs)
         return x + self.mlp(self.mlp_norm(x))
+
+    def step(self, x: Tensor, cos: Tensor, sin: Tensor, pos: int) -> Tensor:
+        x = x + self.attn.step(self.attn_norm(x), cos, sin, pos)
+        return x + self.mlp.step(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
@@ -265,6 +349,17 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos=input_pos, kv_len=kv_len, mask=mask)
         return self.norm(h)
+
+    def step_hidden(self, ids: Tensor, pos: int) -> Tensor:
+        """decode_hidden(ids[:, None], [pos], pos + 1, masked=False)[:, -1], bit for bit,
+        with less work per step: one id per row (ids: [B], never PAD) at a host position.
+        Returns normed hidden [B, hidden]."""
+        x = self.embed(ids)[:, None]  # embed_ids of a single non-pad column, exactly
+        cos_t, sin_t = self._rope_table(self.cache_len, x.device)
+        cos, sin = cos_t[pos : pos + 1], sin_t[pos : pos + 1]
+        for layer in self.layers:
+            x = layer.step(x, cos, sin, pos)
+        return self.norm(x[:, 0])
 
     def full_hidden(
         self,
