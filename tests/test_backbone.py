@@ -312,6 +312,23 @@ def test_compiled_decode_on_cpu_matches_eager(temperature, seeds):
     np.testing.assert_allclose(comp_lp, eager_lp, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_decode_compiles_once_per_batch_size_whatever_the_song():
+    """Another prompt length and song length at the same batch size reuse the compiled step:
+    a worker pays for compiling once, not once per job."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = make_model(3)
+    kw = {"top_k": 5, "temperature": 0.9, "compile": True, "stop_at_end": False}
+    backbone.decode_tokens(model, LAYOUT, PROMPT, [1], max_new_tokens=20, **kw)
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > 0
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        backbone.decode_tokens(model, LAYOUT, PROMPT[:4], [2], max_new_tokens=33, **kw)
+    assert counters["stats"]["unique_graphs"] == compiled
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("temperature,seeds", [(0.0, [1]), (0.9, [4]), (0.9, [1, 2, 3])])
 def test_eager_step_draws_what_the_plain_step_draws(monkeypatch, threads, temperature, seeds):

@@ -140,13 +140,17 @@ def decode_tokens(
     if max_new <= 0 or b == 0:
         empty = np.zeros((b, 0), dtype=np.int64)
         return (empty, empty.astype(np.float32)) if with_logprobs else empty
-    cache_len = p + max_new
     graphs = cuda_graphs and device.type == "cuda"
     eager = not (graphs or compile)
+    # A compiled step is specialised to the shapes it sees (cache, rope table, token
+    # buffers): at the cap they are the same for every song of a batch size, so a worker
+    # compiles once per batch size rather than once per prompt length and song length.
+    cache_len = p + max_new if eager else cap
 
     model.setup_cache(b, cache_len)
     try:
-        st = _Decoder(model, layout, seed_tensor(seeds, device), top_k, temperature, max_new)
+        st = _Decoder(model, layout, seed_tensor(seeds, device), top_k, temperature,
+                      max_new if eager else cap)
         # Prefill once (row 0) and copy the prompt's keys/values to every row: the same
         # numbers whatever the batch size.
         prompt = torch.tensor([prompt_ids], dtype=torch.int64, device=device)
