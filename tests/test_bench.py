@@ -53,11 +53,16 @@ def test_e2e_bench_renders_songs_of_the_exact_length_on_every_run(tmp_path, monk
     for r in data["results"]:
         assert r["tokens_equal_eager"] is True
         assert r["backbone_s"] > 0 and r["superres_s"] > 0 and r["decode_s"] > 0
-        assert set(r["peak_mem_gb"]) == {"backbone", "superres", "decode"}
+        assert set(r["peak_mem_gb"]) == set(r["model_peak_gb"]) == {"backbone", "superres", "decode"}
         assert r["songs_per_minute"] > 0
         # random weights never end a song: every row decodes the whole length
         assert r["tokens_per_s_all"] == pytest.approx(r["batch"] * r["tokens_per_s_row"],
                                                       rel=1e-3)
+    # the runner's memory model of each run (its terms: test_runner_devices): one_shot holds
+    # one stage's weights, keep_loaded all three
+    modelled = {(r["batch"], r["residency"]): r["model_peak_gb"] for r in data["results"]}
+    assert all(modelled[b, "one_shot"][s] < modelled[b, "keep_loaded"][s]
+               for b in (1, 2) for s in ("backbone", "superres", "decode"))
     model = tmp_path / "checkpoints" / "bench-e2e-0.02" / "model.json"
     assert json.loads(model.read_text())["demo"] is True  # random weights: noise
 

@@ -76,7 +76,7 @@ def test_render_help_lists_the_options():
     r = invoke("render", "--help")
     assert r.exit_code == 0
     for opt in ("--model", "--output-dir", "--force", "--only", "--shard", "--devices",
-                "--batch-size", "--residency", "--retries", "--stall-timeout", "--save-codes",
+                "--batch-size", "--residency", "--decode-path", "--retries", "--stall-timeout", "--save-codes",
                 "--quiet", "--max-renders"):
         assert opt in r.output, opt
 

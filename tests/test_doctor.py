@@ -49,7 +49,10 @@ def test_good_model_dir_exits_0(model_dir, tmp_path):
     # every topic has its own finding (the temp path names "model" too: ask the JSON)
     data = json.loads(_doctor("--model", str(dst), "--output-dir", str(tmp_path / "out"),
                               "--json").output)
-    assert {"python", "torch", "ffmpeg", "model", "disk"} <= {f["topic"] for f in data["findings"]}
+    assert {"python", "torch", "ffmpeg", "model", "decode", "disk"} <= {f["topic"] for f in data["findings"]}
+    [decode] = [f for f in data["findings"] if f["topic"] == "decode"]
+    assert decode["message"].startswith("cpu: eager by default (on the CPU")
+    assert decode["message"].endswith("--decode-path overrides it")
 
 
 def test_json_output(model_dir, tmp_path):
@@ -152,6 +155,16 @@ def test_cpu_line_checks_ram(tmp_path):
     assert line.level == WARNING and "float32" in line.message
     [line] = doctor.check_devices(probe, tmp_path, _planner, (64 * GIB, 60 * GIB))
     assert line.level == OK
+
+
+def test_decode_line_names_the_device_kind_and_the_reason(tmp_path):
+    def choose(kind):
+        return {"cuda": ("cuda_graphs", "proven"), "cpu": ("eager", "not proven")}[kind]
+
+    gpu = doctor.check_decode(_probe((80 * GIB, 79 * GIB)), choose)
+    assert (gpu.level, gpu.topic) == (OK, "decode")
+    assert gpu.message.startswith("cuda: cuda_graphs by default (proven);")
+    assert doctor.check_decode(_probe(), choose).message.startswith("cpu: eager by default (not proven);")
 
 
 def test_torch_lines():

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from processes import assert_gone, descendants, wait_for
@@ -82,7 +83,38 @@ def test_devices_naming_a_missing_gpu_exits_3(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_cuda_graphs_on_a_cpu_worker_exits_3_before_writing(tmp_path):
+    path = tmp_path / "jobs.yaml"
+    path.write_text("model: demo\noutput_dir: out\njobs:\n  - id: a\n    mode: instrumental\n"
+                    "    tags: [Piano]\n")
+    _register()
+    r = CliRunner().invoke(cli, ["render", str(path), "--devices", "cpu", "--decode-path",
+                                 "cuda_graphs"])
+    assert r.exit_code == 3, r.output
+    assert "--decode-path cuda_graphs needs CUDA GPUs, and cpu:0 is a CPU worker" in r.output
+    assert not (tmp_path / "out").exists()
+
+
 # -- whole runs ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_decode_path_compile_reaches_the_worker_and_renders_eagers_codes(tmp_path,
+                                                                          demo_model_dir):
+    path = write_manifest(tmp_path, demo_model_dir, ["a"])
+    codes = {}
+    for decode in ("eager", "compile"):
+        out = tmp_path / decode
+        proc = khala(tmp_path, str(path), "--devices", "cpu", "--output-dir", str(out),
+                     "--save-codes", "--decode-path", decode)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        logs = "".join(p.read_text() for p in (out / ".khala/logs").glob("*.log"))
+        assert f"{decode} decode" in logs
+        rep = json.loads((out / "reports" / "latest.json").read_text())
+        assert rep["options"]["decode_path"] == decode
+        codes[decode] = np.load(out / "a" / "a-s1.codes.npy")
+    assert np.array_equal(codes["compile"], codes["eager"])
 
 
 @pytest.mark.slow

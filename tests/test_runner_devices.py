@@ -9,15 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from khala_cli.runner import devices
 from khala_cli.runner.devices import (
     GIB,
+    HEADROOM,
     Device,
     DeviceError,
     Gpu,
     default_batch_size,
+    default_decode_path,
     default_residency,
     discover_gpus,
     model_footprint,
+    needs,
     parse_devices,
     parse_nvidia_smi,
     plan_devices,
@@ -185,13 +189,30 @@ def test_the_memory_model_of_the_full_size_model_from_its_formula():
 
 
 def test_peak_is_the_busiest_stage_plus_what_stays_resident():
-    from khala_cli.runner.devices import HEADROOM, needs
-
     one = needs(REAL, "one_shot", 4)
     assert one == max(REAL.stage_bytes["backbone"] + 4 * REAL.kv_row_bytes,
                       REAL.stage_bytes["superres"] + 4 * REAL.superres_row_bytes,
                       REAL.stage_bytes["codec"] + REAL.codec_window_bytes) + HEADROOM
     assert needs(REAL, "keep_loaded", 4) > one
+
+
+def test_stage_peaks_add_rows_and_resident_weights():
+    one, two = REAL.stage_peaks("keep_loaded", 1), REAL.stage_peaks("keep_loaded", 2)
+    assert two["backbone"] - one["backbone"] == REAL.kv_row_bytes
+    assert two["superres"] - one["superres"] == REAL.superres_row_bytes
+    assert two["codec"] == one["codec"] == REAL.all_bytes + REAL.codec_window_bytes
+    shot = REAL.stage_peaks("one_shot", 1)
+    assert shot["superres"] == REAL.stage_bytes["superres"] + REAL.superres_row_bytes
+    assert needs(REAL, "one_shot", 3) == max(REAL.stage_peaks("one_shot", 3).values()) + HEADROOM
+
+
+def test_footprint_for_a_song_length_and_dtype(demo_model_dir: Path):
+    cap, short = model_footprint(demo_model_dir), model_footprint(demo_model_dir, tokens=100)
+    assert short.context_tokens < cap.context_tokens and short.kv_row_bytes < cap.kv_row_bytes
+    fp32 = model_footprint(demo_model_dir, dtype_bytes=4)  # files are bf16: weights double
+    assert fp32.stage_bytes["backbone"] == 2 * cap.stage_bytes["backbone"]
+    assert fp32.stage_bytes["codec"] == cap.stage_bytes["codec"]  # the codec is stored fp32
+    assert fp32.kv_bytes_per_token == 2 * cap.kv_bytes_per_token
 
 
 def test_footprint_of_the_demo_model(demo_model_dir: Path):
@@ -211,3 +232,24 @@ def test_plan_devices_applies_overrides_and_checks_them(demo_model_dir: Path):
         plan_devices("cpu", demo_model_dir, batch_size=0)
     with pytest.raises(DeviceError, match="residency"):
         plan_devices("cpu", demo_model_dir, residency="sometimes")
+
+
+def test_decode_path_is_eager_until_a_gpu_proves_another(demo_model_dir: Path, monkeypatch):
+    one = TWO[:1]
+    assert plan_devices("auto", demo_model_dir, gpus=one)[0].decode_path == "eager"
+    assert "gpu-check" in default_decode_path("cuda")[1]
+    monkeypatch.setattr(devices, "PROVEN_ON_CUDA", ("cuda_graphs", "compile"))
+    assert plan_devices("auto", demo_model_dir, gpus=one)[0].decode_path == "cuda_graphs"
+    assert plan_devices("cpu", demo_model_dir)[0].decode_path == "eager"  # proven on CUDA only
+    off = plan_devices("auto", demo_model_dir, gpus=one, decode_path="eager")  # the switch off
+    assert off[0].decode_path == "eager"
+
+
+def test_decode_path_overrides_are_checked_against_the_devices(demo_model_dir: Path):
+    assert plan_devices("cpu:2", demo_model_dir, decode_path="compile")[1].decode_path == "compile"
+    assert plan_devices("0,1", demo_model_dir, gpus=TWO, decode_path="cuda_graphs")[1].decode_path \
+        == "cuda_graphs"
+    with pytest.raises(DeviceError, match="cuda_graphs needs CUDA GPUs, and cpu:0 is a CPU worker"):
+        plan_devices("cpu", demo_model_dir, decode_path="cuda_graphs")
+    with pytest.raises(DeviceError, match="--decode-path fast: expected one of eager, compile"):
+        plan_devices("cpu", demo_model_dir, decode_path="fast")

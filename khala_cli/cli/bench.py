@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
+from khala_cli import model_numbers as mn
 from khala_cli.cli import cli
 from khala_cli.review_bench import run
+from khala_cli.runner import devices as dv
 
 # torch and the engine are imported inside the functions that run the engine benchmarks:
 # importing this module (every `khala` command, `--help` included) must never load torch.
@@ -94,7 +97,7 @@ def _e2e(as_json: bool, device: str, threads: int | None, scale: float | None,
          minutes: float | None, dtype: str | None, batches: str, paths: str | None) -> None:
     import torch
 
-    from khala_cli.engine.bench_e2e import run_e2e
+    from khala_cli.engine.bench_e2e import model_dir, run_e2e
 
     if threads:
         torch.set_num_threads(threads)
@@ -104,14 +107,16 @@ def _e2e(as_json: bool, device: str, threads: int | None, scale: float | None,
     sizes = tuple(int(b) for b in batches.split(",") if b.strip())
 
     def log(row: dict) -> None:
+        row["model_peak_gb"] = modelled_peaks(model_dir(scale), row, minutes)
         if as_json:
             return
-        mem = " ".join(f"{k} {v:.2f}" for k, v in row["peak_mem_gb"].items())
+        mem = " ".join(f"{k} {v:.2f}/{row['model_peak_gb'].get(k, 0):.2f}"
+                       for k, v in row["peak_mem_gb"].items())
         click.echo(f"  {row['dtype']:<8} B={row['batch']} {row['residency']:<11} {row['path']:<11} "
                    f"backbone {row['backbone_s']:7.2f} s  super-res {row['superres_s']:6.2f} s  "
                    f"decode {row['decode_s']:6.2f} s  load {row['load_s']:5.2f} s | "
                    f"{row['tokens_per_s_row']:7.1f} tok/s/row {row['tokens_per_s_all']:8.1f} "
-                   f"in all | peak GB {mem} | {row['songs_per_minute']:.2f} songs/min | "
+                   f"in all | peak GB measured/modelled {mem} | {row['songs_per_minute']:.2f} songs/min | "
                    f"tokens equal eager: {row['tokens_equal_eager']}")
 
     if not as_json:
@@ -126,3 +131,14 @@ def _e2e(as_json: bool, device: str, threads: int | None, scale: float | None,
                      only_paths=only, log=log)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
+
+
+def modelled_peaks(mdir: Path, row: dict, minutes: float) -> dict[str, float]:
+    """The runner's memory model (runner/devices.py) of one e2e run, per stage in GB, beside
+    the measured peaks: CUDA allocations (the model's HEADROOM left out), or on the CPU the
+    process's resident set (which also holds Python and torch)."""
+    fp = dv.model_footprint(mdir, dtype_bytes=4 if row["dtype"] == "float32" else 2,
+                            tokens=round(mn.TOKENS_PER_MINUTE * minutes))
+    peaks = fp.stage_peaks(row["residency"], row["batch"])
+    return {stage: round(peaks[of] / 1e9, 2) for stage, of in
+            (("backbone", "backbone"), ("superres", "superres"), ("decode", "codec"))}

@@ -91,14 +91,15 @@ def _planner():
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
 def doctor_cmd(model: Path | None, output_dir: Path, as_json: bool) -> None:
     """Check that this machine can render: Python, torch, CUDA devices and their free memory,
-    ffmpeg, the model directory, the residency and batch size each device can hold, disk space.
+    ffmpeg, the model directory, the residency and batch size each device can hold, the decode
+    path renders get, disk space.
 
     Each line is ok, warning or error with what to do. Exits 0 when rendering can work, 3 when
     an error stands in the way. Torch and CUDA are probed in a child process.
     """
     findings = doctor.diagnose(
         model, output_dir, find_ffmpeg=ffmpeg_exe, gpus_seen=len(discover_gpus()),
-        planner=_planner(), is_raw_download=is_raw_download, take_bytes=bytes_per_take(3),
+        planner=_planner(), decode=dv.default_decode_path, is_raw_download=is_raw_download, take_bytes=bytes_per_take(3),
     )
     code = doctor.exit_code(findings)
     if as_json:

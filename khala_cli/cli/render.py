@@ -22,6 +22,7 @@ from khala_cli import exit_codes, outputs
 from khala_cli import report as rp
 from khala_cli.cli import Failure, cli, display, steps
 from khala_cli.cli.review import review_page
+from khala_cli.engine.config import DECODE_PATHS
 from khala_cli.manifest import MAX_RENDERS, Manifest
 from khala_cli.plan import Plan, est_minutes
 from khala_cli.runner import RunOptions, RunResult, run_renders
@@ -65,6 +66,11 @@ class RenderOptions:
         None, "--residency", type=click.Choice(["keep_loaded", "one_shot"]), report=True,
         help="keep_loaded: all three models stay in memory; one_shot: one stage at a time "
         "(default: keep_loaded when they fit).")
+    decode_path: str | None = _option(
+        None, "--decode-path", type=click.Choice(list(DECODE_PATHS)), report=True,
+        help="The backbone's decode step: eager, compile (torch.compile) or cuda_graphs "
+        "(default: the fastest path proven equal to eager on the device, which is eager until "
+        "make gpu-check proves another; khala doctor says which).")
     retries: int = _option(2, "--retries", type=click.IntRange(min=0), show_default=True,
                            report=True, help="Retries of a render whose worker crashed, hung "
                            "or ran out of memory.")
@@ -131,7 +137,7 @@ def run(manifest: Path, o: RenderOptions) -> int:
                             model=o.model, quiet=o.quiet)
     shard = steps.shard(o.shard)
     only = steps.only(m, o.only)
-    n_devices = len(steps.devices(o.devices))
+    n_devices = len(steps.devices(o.devices, o.decode_path))
     model_dir, info = steps.model(m, convert=o.convert,
                                   announce=None if o.quiet else _echo_err)
     steps.ffmpeg()

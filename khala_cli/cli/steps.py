@@ -14,7 +14,7 @@ from khala_cli import manifest as mf
 from khala_cli.cli import Failure
 from khala_cli.manifest_checks import closest
 from khala_cli.plan import Plan, build_renders, make_plan, parse_shard
-from khala_cli.runner.devices import DeviceError, parse_devices
+from khala_cli.runner.devices import DeviceError, check_decode_path, parse_devices
 from khala_cli.weights.resolve import ModelError, demo_dir, read_info, resolve_model
 
 DEMO_LINE = ("model: demo (tiny and untrained: it renders noise, not music; it is here to try "
@@ -66,9 +66,12 @@ def only(m: mf.Manifest, values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(wanted)
 
 
-def devices(spec: str) -> list:
+def devices(spec: str, decode_path: str | None = None) -> list:
+    """The devices of a --devices spec, checked against the --decode-path they will run."""
     try:
-        return parse_devices(spec)
+        found = parse_devices(spec)
+        check_decode_path(found, decode_path)
+        return found
     except DeviceError as exc:
         raise Failure(exit_codes.MODEL, f"error: {exc}") from None
 

@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import torch
 
-from khala_cli.engine.config import CodecConfig
+from khala_cli.engine.config import CodecConfig, decode_options
 from khala_cli.engine.pipeline import Pipeline, Request
 from khala_cli.model_numbers import TOKENS_PER_MINUTE
 from khala_cli.weights.demo import _codec_config, build_random_model
@@ -111,10 +111,9 @@ def paths(device: torch.device) -> list[str]:
 
 def one_run(mdir: Path, device: str, dtype: str | None, batch: int, residency: str,
             path: str, minutes: float) -> tuple[dict[str, Any], list]:
-    opts = {"compile": path == "compile", "cuda_graphs": path == "cuda_graphs"}
     t0 = time.perf_counter()
     pipe = Pipeline.from_dir(mdir, device=device, dtype=dtype, residency=residency,
-                             backbone_options=opts)
+                             backbone_options=decode_options(path))
     ids = pipe.tokenizer.encode("[verse] la la la").ids
     tokens = int(round(TOKENS_PER_MINUTE * minutes))
     req = Request(backbone_ids=ids[:64] or [1], superres_ids=ids[:64] or [1],

@@ -12,6 +12,17 @@ from khala_cli.model_numbers import MAX_SEQ_LEN
 
 T = TypeVar("T")
 
+# The backbone's decode step: eager PyTorch, torch.compile of the step, or the step captured
+# as CUDA graphs (CUDA only). Each gives eager's tokens (tests; make gpu-check on a GPU).
+DECODE_PATHS = ("eager", "compile", "cuda_graphs")
+
+
+def decode_options(path: str) -> dict[str, bool]:
+    """The backbone options (backbone.generate's keywords) that select a decode path."""
+    if path not in DECODE_PATHS:
+        raise ValueError(f"decode path {path!r}: expected one of {', '.join(DECODE_PATHS)}")
+    return {"compile": path == "compile", "cuda_graphs": path == "cuda_graphs"}
+
 
 def _from_dict(cls: type[T], data: dict[str, Any], source: str) -> T:
     names = {f.name for f in dataclasses.fields(cls)}

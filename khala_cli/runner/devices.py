@@ -1,4 +1,5 @@
-"""Which devices a run uses, and the batch size and residency each one gets by default.
+"""Which devices a run uses, and the batch size, residency and decode path each one gets
+by default.
 
 No torch here: the parent never initialises CUDA. GPUs are discovered with `nvidia-smi`
 (when it is on PATH); each worker later sees only its own GPU through CUDA_VISIBLE_DEVICES.
@@ -20,12 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from khala_cli import model_numbers as mn
-from khala_cli.engine.config import CodecConfig
+from khala_cli.engine.config import DECODE_PATHS, CodecConfig
 
 GIB = 1024**3
 MAX_CPU_WORKERS = 64
 MAX_BATCH = 16
 RESIDENCIES = ("keep_loaded", "one_shot")
+# Paths that `make gpu-check` has proven to give eager's tokens on a CUDA GPU, fastest first;
+# the first becomes the CUDA default. None has run on a GPU yet, so eager stays the default.
+PROVEN_ON_CUDA: tuple[str, ...] = ()
 
 
 class DeviceError(Exception):
@@ -213,6 +217,15 @@ class Footprint:
         """Memory one more batch row needs at the busiest stage."""
         return max(self.kv_row_bytes, self.superres_row_bytes)
 
+    def stage_peaks(self, residency: str, rows: int) -> dict[str, int]:
+        """Memory at each stage's busiest point for `rows` rows, without HEADROOM: its working
+        set (KV cache, super-res activations, codec window) beside the weights resident then
+        (keep_loaded: every stage's; one_shot: its own)."""
+        work = {"backbone": rows * self.kv_row_bytes, "superres": rows * self.superres_row_bytes,
+                "codec": self.codec_window_bytes}
+        return {s: (self.all_bytes if residency == "keep_loaded" else self.stage_bytes[s]) + w
+                for s, w in work.items()}
+
     def explain(self) -> str:
         w = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.stage_bytes.items())
         return (f"weights GiB: {w}; per row: KV cache {self.kv_bytes_per_token / 1024:.0f} KiB"
@@ -228,9 +241,12 @@ def _config(model_dir: Path, name: str) -> dict:
         return {}
 
 
-def model_footprint(model_dir: str | Path, dtype_bytes: int = 2) -> Footprint:
-    """The memory model of a model directory; one that cannot be read gives the real Khala
-    model's figures (~3 GB per transformer in bf16, 48 KiB of KV cache per row per token)."""
+def model_footprint(model_dir: str | Path, dtype_bytes: int = 2,
+                    tokens: int = mn.MAX_NEW_TOKENS) -> Footprint:
+    """The memory model of a model directory for songs of up to `tokens` backbone tokens
+    (default: the cap), with the transformers run in `dtype_bytes` (their files are bf16); one
+    that cannot be read gives the real Khala model's figures (~3 GB per transformer in bf16,
+    48 KiB of KV cache per row per token)."""
     model_dir = Path(model_dir)
     stages = dict(_DEFAULT_WEIGHTS)
     for stage in stages:
@@ -238,13 +254,14 @@ def model_footprint(model_dir: str | Path, dtype_bytes: int = 2) -> Footprint:
             stages[stage] = (model_dir / f"{stage}.safetensors").stat().st_size
         except OSError:
             pass
+    for stage in ("backbone", "superres"):
+        stages[stage] = stages[stage] * dtype_bytes // 2
     bb, sr = _config(model_dir, "backbone"), _config(model_dir, "superres")
     kv = 2 * int(bb.get("num_layers", 24)) * int(bb.get("num_kv_heads", 8)) \
         * int(bb.get("head_dim", 64)) * dtype_bytes
-    context = min(int(bb.get("max_seq_len", mn.MAX_SEQ_LEN)),
-                  mn.BACKBONE_MAX_PROMPT + mn.MAX_NEW_TOKENS)
+    context = min(int(bb.get("max_seq_len", mn.MAX_SEQ_LEN)), mn.BACKBONE_MAX_PROMPT + tokens)
     sr_len = min(int(sr.get("max_seq_len", mn.MAX_SEQ_LEN)),
-                 mn.SUPERRES_MAX_PROMPT + mn.MAX_NEW_TOKENS // 2)
+                 mn.SUPERRES_MAX_PROMPT + tokens // 2)
     sr_row = sr_len * (6 * int(sr.get("hidden_size", 2048))
                        + 3 * int(sr.get("ffn_hidden_size", 5632))) * dtype_bytes
     codec_cfg = _config(model_dir, "codec")
@@ -262,12 +279,8 @@ HEADROOM = 2 * GIB  # CUDA context and allocator slack
 
 def _needs(fp: Footprint, residency: str, rows: int) -> int:
     """Peak device memory of a render of `rows` rows: the busiest stage, with what stays
-    resident beside it (keep_loaded: every stage's weights)."""
-    stages = {"backbone": rows * fp.kv_row_bytes, "superres": rows * fp.superres_row_bytes,
-              "codec": fp.codec_window_bytes}
-    if residency == "keep_loaded":
-        return fp.all_bytes + max(stages.values()) + HEADROOM
-    return max(fp.stage_bytes[s] + extra for s, extra in stages.items()) + HEADROOM
+    resident beside it, and the headroom."""
+    return max(fp.stage_peaks(residency, rows).values()) + HEADROOM
 
 
 def default_residency(device: Device, footprint: Footprint) -> str:
@@ -293,26 +306,49 @@ def needs(footprint: Footprint, residency: str, rows: int) -> int:
     return _needs(footprint, residency, rows)
 
 
+def default_decode_path(kind: str) -> tuple[str, str]:
+    """The decode path a device of this kind ("cuda" | "cpu") gets by default, and why."""
+    if kind == "cuda" and PROVEN_ON_CUDA:
+        return PROVEN_ON_CUDA[0], "the fastest path proven equal to eager on a GPU by make gpu-check"
+    if kind == "cuda":
+        return "eager", ("compile and CUDA graphs are not yet proven equal to eager on a GPU "
+                         "(make gpu-check proves them)")
+    return "eager", ("on the CPU, compile gives eager's tokens in float32 but is slower than "
+                     "eager's threaded products; khala bench --e2e measures both")
+
+
+def check_decode_path(devices: list[Device], path: str | None) -> None:
+    """Raise DeviceError for a --decode-path that one of these devices cannot run."""
+    if path is not None and path not in DECODE_PATHS:
+        raise DeviceError(f"--decode-path {path}: expected one of {', '.join(DECODE_PATHS)}")
+    cpu = next((d.name for d in devices if d.kind != "cuda"), None)
+    if path == "cuda_graphs" and cpu:
+        raise DeviceError(f"--decode-path cuda_graphs needs CUDA GPUs, and {cpu} is a CPU worker")
+
+
 @dataclass(frozen=True)
 class DevicePlan:
     device: Device
     batch_size: int
     residency: str
+    decode_path: str = "eager"
 
 
 def plan_devices(spec: str | None, model_dir: str | Path, batch_size: int | None = None,
                  residency: str | None = None, gpus: list[Gpu] | None = None,
-                 ) -> list[DevicePlan]:
-    """Devices with their batch size and residency: the given ones, else the defaults."""
+                 decode_path: str | None = None) -> list[DevicePlan]:
+    """Devices with their batch size, residency and decode path: the given ones, else the
+    defaults."""
     if batch_size is not None and batch_size < 1:
         raise DeviceError(f"--batch-size {batch_size}: must be at least 1")
     if residency is not None and residency not in RESIDENCIES:
         raise DeviceError(f"--residency {residency}: expected one of {', '.join(RESIDENCIES)}")
     devices = parse_devices(spec, gpus)
+    check_decode_path(devices, decode_path)
     fp = model_footprint(model_dir)
     plans = []
     for d in devices:
         res = residency or default_residency(d, fp)
         bs = batch_size or default_batch_size(d, fp, res)
-        plans.append(DevicePlan(d, bs, res))
+        plans.append(DevicePlan(d, bs, res, decode_path or default_decode_path(d.kind)[0]))
     return plans

@@ -59,6 +59,7 @@ class RunOptions:
     devices: str = "auto"  # auto | cpu | cpu:N | 0,1,3
     batch_size: int | None = None  # None: from device memory (1 on CPU)
     residency: str | None = None  # keep_loaded | one_shot | None (auto)
+    decode_path: str | None = None  # eager | compile | cuda_graphs | None (auto)
     retries: int = 2
     stall_timeout: float = 600.0
     grace: float = 60.0  # after the first Ctrl-C / SIGTERM / SIGHUP
@@ -186,6 +187,7 @@ class Pool:
                "--output-dir", str(self.output_dir),
                "--device", "cuda" if dev.kind == "cuda" else "cpu",
                "--label", dev.name, "--residency", slot.device.residency,
+               "--decode-path", slot.plan.decode_path,
                "--threads", str(threads), "--parent-pid", str(os.getpid())]
         if self.options.test_faults:
             cmd += ["--test-faults", self.options.test_faults]
@@ -448,7 +450,8 @@ class Pool:
         if not self.policy.items:
             return RunResult([], False, {})
         plans = plan_devices(self.options.devices, self.options.model_dir,
-                             self.options.batch_size, self.options.residency)
+                             self.options.batch_size, self.options.residency,
+                             decode_path=self.options.decode_path)
         self.slots = [_Slot(Device(i, p.device.name, p.residency, p.batch_size), p)
                       for i, p in enumerate(plans)]
         self.policy.devices = [s.device for s in self.slots]

@@ -43,6 +43,7 @@ import numpy as np
 
 from khala_cli import model_numbers as mn
 from khala_cli import outputs
+from khala_cli.engine.config import DECODE_PATHS, decode_options
 from khala_cli.plan import Render
 from khala_cli.prompt import PromptSpec, prompt_ids
 from khala_cli.runner import protocol
@@ -253,7 +254,8 @@ class Worker:
             torch.set_num_threads(self.args.threads)
         device = "cuda" if self.args.device == "cuda" else "cpu"
         self.pipeline = Pipeline.from_dir(self.args.model_dir, device=device,
-                                          residency=self.args.residency)
+                                          residency=self.args.residency,
+                                          backbone_options=decode_options(self.args.decode_path))
         if self.args.residency == "keep_loaded":
             self.pipeline.load()  # now, so that "ready" means ready (and an OOM shows here)
         label = self.args.label
@@ -424,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--label", default="cpu")
     ap.add_argument("--residency", choices=("keep_loaded", "one_shot"), default="keep_loaded")
+    ap.add_argument("--decode-path", choices=DECODE_PATHS, default="eager")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--parent-pid", type=int, default=0)
     ap.add_argument("--test-faults", default="", help=argparse.SUPPRESS)
@@ -436,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     chan = Channel()
     chan.send({"type": "hello", "pid": os.getpid(), "device": args.label})
-    print(f"worker pid {os.getpid()} for {args.label} ({args.residency}) starting; "
+    print(f"worker pid {os.getpid()} for {args.label} ({args.residency}, {args.decode_path} "
+          f"decode) starting; "
           f"model {args.model_dir}", file=sys.stderr, flush=True)
     worker = Worker(args, chan)
     t = time.monotonic()

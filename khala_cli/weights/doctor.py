@@ -61,6 +61,8 @@ class DevicePlan:
 
 # (device total bytes, free bytes, model dir) -> DevicePlan, or None when no model is known
 Planner = Callable[[int, int, Path], DevicePlan]
+# device kind ("cuda" | "cpu") -> (the runner's default decode path, why)
+DecodeChooser = Callable[[str], tuple[str, str]]
 
 
 def exit_code(findings: list[Finding]) -> int:
@@ -301,6 +303,14 @@ def check_devices(probe: dict[str, Any], model: Path | None, planner: Planner | 
     return out
 
 
+def check_decode(probe: dict[str, Any], choose: DecodeChooser) -> Finding:
+    """The decode path renders get on this machine's devices by default, and why."""
+    kind = "cuda" if probe.get("devices") else "cpu"
+    path, why = choose(kind)
+    return Finding(OK, "decode", f"{kind}: {path} by default ({why}); khala render "
+                                 f"--decode-path overrides it")
+
+
 def check_disk(output_dir: Path, take: int) -> Finding:
     """Free space (and write access) where the takes will go; `take`: the bytes of one
     3-minute take (outputs.bytes_per_take, passed in: outputs sits above this layer)."""
@@ -325,6 +335,7 @@ def check_disk(output_dir: Path, take: int) -> Finding:
 
 def diagnose(model: Path | None, output_dir: Path, *, find_ffmpeg: Callable[[], str],
              take_bytes: int, gpus_seen: int = 0, planner: Planner | None = None,
+             decode: DecodeChooser | None = None,
              is_raw_download: Callable[[Path], bool] = lambda p: False,
              probe: dict[str, Any] | None = None) -> list[Finding]:
     """All findings, in the order they are printed."""
@@ -345,6 +356,8 @@ def diagnose(model: Path | None, output_dir: Path, *, find_ffmpeg: Callable[[], 
     findings.append(check_ffmpeg(find_ffmpeg))
     findings += check_model(model, probe, is_raw_download)
     findings += check_devices(probe, model, planner, ram)
+    if decode is not None:
+        findings.append(check_decode(probe, decode))
     findings.append(check_disk(output_dir.expanduser().resolve(), take_bytes))
     return findings
 
