@@ -209,6 +209,7 @@ def test_stage_peaks_add_rows_and_resident_weights():
 def test_footprint_for_a_song_length_and_dtype(demo_model_dir: Path):
     cap, short = model_footprint(demo_model_dir), model_footprint(demo_model_dir, tokens=100)
     assert short.context_tokens < cap.context_tokens and short.kv_row_bytes < cap.kv_row_bytes
+    assert short.codec_window_bytes < cap.codec_window_bytes  # 50 frames, not a whole window
     fp32 = model_footprint(demo_model_dir, dtype_bytes=4)  # files are bf16: weights double
     assert fp32.stage_bytes["backbone"] == 2 * cap.stage_bytes["backbone"]
     assert fp32.stage_bytes["codec"] == cap.stage_bytes["codec"]  # the codec is stored fp32

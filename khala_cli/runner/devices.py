@@ -269,7 +269,7 @@ def model_footprint(model_dir: str | Path, dtype_bytes: int = 2,
         codec = CodecConfig(**{k: (tuple(v) if k == "rates" else v) for k, v in codec_cfg.items()})
     except TypeError:
         codec = CodecConfig()
-    window = codec.window_activation_bytes(codec.window_frames)
+    window = codec.window_activation_bytes(min(codec.window_frames, tokens // 2))  # 2 per frame
     return Footprint(stage_bytes=stages, kv_bytes_per_token=kv, context_tokens=context,
                      superres_row_bytes=sr_row, codec_window_bytes=window)
 
@@ -313,8 +313,9 @@ def default_decode_path(kind: str) -> tuple[str, str]:
     if kind == "cuda":
         return "eager", ("compile and CUDA graphs are not yet proven equal to eager on a GPU "
                          "(make gpu-check proves them)")
-    return "eager", ("on the CPU, compile gives eager's tokens in float32 but is slower than "
-                     "eager's threaded products; khala bench --e2e measures both")
+    return "eager", ("on the CPU, compile gives eager's tokens in float32 but no clear gain "
+                     "over eager's threaded products (khala bench --e2e) and costs a compile "
+                     "per batch size")
 
 
 def check_decode_path(devices: list[Device], path: str | None) -> None:
