@@ -191,7 +191,9 @@ class Footprint:
     - super-res activations of one row at the real length (prompt + frames): per token the
       residual, norm, q, k, v and attention output (6 x hidden) and the MLP's gate, up and
       product (3 x ffn), in the model dtype (attention scores run in query blocks);
-    - the codec: one window of window_frames frames (CodecConfig.window_activation_bytes).
+    - the codec: one window of window_frames frames, or of the song's frames when fewer
+      (CodecConfig.window_activation_bytes). That is its floor: the decoder batches as many
+      windows as free memory allows (codec.window_batch_size), so its peak runs higher.
     """
 
     stage_bytes: dict[str, int]  # "backbone" | "superres" | "codec" -> weight bytes
