@@ -106,8 +106,10 @@ def _e2e(as_json: bool, device: str, threads: int | None, scale: float | None,
     minutes = minutes if minutes is not None else (3.0 if cuda else 0.25)
     sizes = tuple(int(b) for b in batches.split(",") if b.strip())
 
+    mdir = model_dir(scale)  # built here on first use, before the runs
+
     def log(row: dict) -> None:
-        row["model_peak_gb"] = modelled_peaks(model_dir(scale), row, minutes)
+        row["model_peak_gb"] = modelled_peaks(mdir, row, minutes)
         if as_json:
             return
         mem = " ".join(f"{k} {v:.2f}/{row['model_peak_gb'].get(k, 0):.2f}"

@@ -99,7 +99,8 @@ def doctor_cmd(model: Path | None, output_dir: Path, as_json: bool) -> None:
     """
     findings = doctor.diagnose(
         model, output_dir, find_ffmpeg=ffmpeg_exe, gpus_seen=len(discover_gpus()),
-        planner=_planner(), decode=dv.default_decode_path, is_raw_download=is_raw_download, take_bytes=bytes_per_take(3),
+        planner=_planner(), decode=dv.default_decode_path, is_raw_download=is_raw_download,
+        take_bytes=bytes_per_take(3),
     )
     code = doctor.exit_code(findings)
     if as_json:

@@ -16,6 +16,8 @@ output rows they need (`project`), never the full vocabulary unless they ask for
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -227,21 +229,14 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(config.ffn_hidden_size, config.hidden_size)
         self.double_bias = config.double_fc1_bias
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w_gate(x), self.w_up(x)
+    def forward(self, x: Tensor, linear: Callable[..., Tensor] = F.linear) -> Tensor:
+        """linear: F.linear, or row_linear for a decode step's few rows (the same numbers)."""
+        gate = linear(x, self.w_gate.weight, self.w_gate.bias)
+        up = linear(x, self.w_up.weight, self.w_up.bias)
         if self.double_bias:  # the trained model's fused bias-SwiGLU adds the fc1 bias again
             gate = gate + self.w_gate.bias
             up = up + self.w_up.bias
-        return self.w_down(F.silu(gate) * up)
-
-    def step(self, x: Tensor) -> Tensor:
-        """forward for one row per batch row ([B, 1, hidden]), through row_linear."""
-        gate = row_linear(x, self.w_gate.weight, self.w_gate.bias)
-        up = row_linear(x, self.w_up.weight, self.w_up.bias)
-        if self.double_bias:
-            gate = gate + self.w_gate.bias
-            up = up + self.w_up.bias
-        return row_linear(F.silu(gate) * up, self.w_down.weight, self.w_down.bias)
+        return linear(F.silu(gate) * up, self.w_down.weight, self.w_down.bias)
 
 
 class Block(nn.Module):
@@ -258,7 +253,7 @@ class Block(nn.Module):
 
     def step(self, x: Tensor, cos: Tensor, sin: Tensor, pos: int) -> Tensor:
         x = x + self.attn.step(self.attn_norm(x), cos, sin, pos)
-        return x + self.mlp.step(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x), linear=row_linear)
 
 
 class Transformer(nn.Module):
