@@ -210,10 +210,8 @@ def _vocab(shapes: dict, args: dict, weights: Path, args_path: Path) -> int:
     return rows
 
 
-def _check_names(shapes: dict, config: TransformerConfig, weights: Path, args_path: Path) -> None:
-    """Every tensor Khala-mac's converter writes, no other, each of the shape the args give."""
-    from khala_cli.engine.modeldir import shape_diff, transformer_shapes
-
+def _refuse_fused(shapes: dict, weights: Path) -> None:
+    """A fused QKV means the file is not Khala-mac's output: say so before anything else."""
     fused = sorted(k for k in shapes if "qkv" in k and "norm" not in k)
     if fused:
         raise KhalaMacError(
@@ -224,6 +222,12 @@ def _check_names(shapes: dict, config: TransformerConfig, weights: Path, args_pa
             + (" (it holds Megatron names: convert the Megatron download instead)"
                if any(k.startswith("decoder.layers.") for k in fused) else "")
         )
+
+
+def _check_names(shapes: dict, config: TransformerConfig, weights: Path, args_path: Path) -> None:
+    """Every tensor Khala-mac's converter writes, no other, each of the shape the args give."""
+    from khala_cli.engine.modeldir import shape_diff, transformer_shapes
+
     expected = {their_name(k): v for k, v in transformer_shapes(config).items()}
     missing, extra, misshaped = shape_diff(shapes, expected)
     problems = [f"missing tensor {k} (expected shape {list(expected[k])})" for k in missing]
@@ -249,6 +253,7 @@ def convert_transformer(weights: Path, args_path: Path, stage: str,
 
     arch, args = arch_of(args_path)
     shapes, nbytes = _header(weights)
+    _refuse_fused(shapes, weights)
     config = arch.config(_vocab(shapes, args, weights, args_path))
     _check_names(shapes, config, weights, args_path)
     total, done = sum(nbytes.values()), 0
