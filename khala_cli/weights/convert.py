@@ -505,11 +505,10 @@ def _write_megatron(sources: Sources, tmp: Path, its: dict[str, int], *, trust: 
 
 def _write_khala_mac(sources: Sources, tmp: Path, *, trust: bool,
                      progress: Progress | None) -> _Written:
-    for stage, path in (("backbone", sources.backbone), ("superres", sources.superres)):
-        config, tensors, _ = khala_mac.convert_transformer(path, sources.args[stage], stage,
-                                                           progress)
-        _write_transformer(tmp, stage, config, tensors, progress)
-        del tensors
+    # Everything that can be checked without reading the transformers' tensors comes first:
+    # both headers and args files, then the (small) decoder and its yaml.
+    plans = [khala_mac.plan_transformer(stage, path, sources.args[stage])
+             for stage, path in (("backbone", sources.backbone), ("superres", sources.superres))]
     if progress:
         progress("codec", 0, 3, "steps")
     state = khala_mac.read_decoder_state(sources.codec, trust=trust)
@@ -520,6 +519,10 @@ def _write_khala_mac(sources: Sources, tmp: Path, *, trust: bool,
     khala_mac.check_decoder_config(sources.codec_config, codec_cfg)
     if progress:
         progress("codec", 3, 3, "steps")
+    for plan in plans:
+        tensors = khala_mac.read_transformer(plan, progress)
+        _write_transformer(tmp, plan.stage, plan.config, tensors, progress)
+        del tensors
     _write_codec(tmp, codec_cfg, codec_tensors, progress)
     source = (f"{sources.backbone.parent} (Khala-mac download: {sources.backbone.name}, "
               f"{sources.superres.name}, {sources.codec.name})")

@@ -20,6 +20,7 @@ import json
 import re
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -242,34 +243,45 @@ def _check_names(shapes: dict, config: TransformerConfig, weights: Path, args_pa
                             + "\n  ".join(shown))
 
 
-def convert_transformer(weights: Path, args_path: Path, stage: str,
-                        progress: Progress | None = None) -> tuple[TransformerConfig, dict, dict]:
-    """(config, our tensors in bf16, facts) from one Khala-mac safetensors file and its args.
+@dataclass(frozen=True)
+class TransformerPlan:
+    """One transformer file, checked from its header and args before any tensor is read."""
 
-    Names and shapes are checked from the header before a tensor is read; tensors are then
-    read one at a time."""
-    import torch
-    from safetensors import safe_open
+    stage: str
+    weights: Path
+    config: TransformerConfig
+    nbytes: dict[str, int]  # Khala-mac tensor name -> stored bytes
 
+
+def plan_transformer(stage: str, weights: Path, args_path: Path) -> TransformerPlan:
+    """Check names, shapes and the args; the vocabulary is embed.weight's rows."""
     arch, args = arch_of(args_path)
     shapes, nbytes = _header(weights)
     _refuse_fused(shapes, weights)
     config = arch.config(_vocab(shapes, args, weights, args_path))
     _check_names(shapes, config, weights, args_path)
-    total, done = sum(nbytes.values()), 0
+    return TransformerPlan(stage, weights, config, nbytes)
+
+
+def read_transformer(plan: TransformerPlan, progress: Progress | None = None) -> dict[str, Any]:
+    """Our tensors in bf16, read one at a time: renamed, never split or reshaped."""
+    import torch
+    from safetensors import safe_open
+
+    total, done = sum(plan.nbytes.values()), 0
     out: dict[str, Any] = {}
     if progress:
-        progress(stage, 0, total, "B")
+        progress(plan.stage, 0, total, "B")
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            for k in sorted(shapes):
+        with safe_open(str(plan.weights), framework="pt") as f:
+            for k in sorted(plan.nbytes):
                 out[our_name(k)] = f.get_tensor(k).to(torch.bfloat16).contiguous()
-                done += nbytes[k]
+                done += plan.nbytes[k]
                 if progress:
-                    progress(stage, done, total, "B")
+                    progress(plan.stage, done, total, "B")
     except Exception as exc:  # noqa: BLE001 - a damaged data section
-        raise _unreadable(weights, exc) from None
-    return config, out, {"path": str(weights)}
+        raise _unreadable(plan.weights, exc) from None
+    return out
 
 
 # ---- decoder ----------------------------------------------------------------------------
