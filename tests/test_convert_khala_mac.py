@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from khala_cli.engine import modeldir
 from khala_cli.weights import convert as convert_module
-from khala_cli.weights import doctor
+from khala_cli.weights import doctor, khala_mac
 from khala_cli.weights.convert import ConvertError, convert
 from khala_cli.weights.khala_mac import KhalaMacError
 from khala_cli.weights.megatron import MegatronError
@@ -307,6 +307,21 @@ def test_args_files_swapped(pair, tmp_path):
     sr.write_text(text)
     msg = _fails(src, tmp_path)
     assert "padded_vocab_size" in msg and "swapped" in msg
+
+
+def test_args_as_khala_mac_writes_them(pair, tmp_path):
+    """Values JSON cannot hold are repr strings; an enum-valued arg may be one too."""
+    src = _copy(pair[2], tmp_path)
+    path = src / "backbone_megatron_args.json"
+    args = json.loads(path.read_text())
+    assert args["params_dtype"] == "torch.bfloat16" and args["model_type"].startswith("<ModelType.")
+    args["position_embedding_type"] = "<PositionEmbeddingType.rope: 'rope'>"
+    path.write_text(json.dumps(args))
+    assert khala_mac.read_args(path)["position_embedding_type"] == "rope"
+    args["position_embedding_type"] = "<PositionEmbeddingType.learned_absolute: 'learned_absolute'>"
+    path.write_text(json.dumps(args))
+    msg = _fails(src, tmp_path, MegatronError)
+    assert "position_embedding_type" in msg and "learned_absolute" in msg
 
 
 def test_args_not_json(pair, tmp_path):

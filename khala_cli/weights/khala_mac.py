@@ -63,17 +63,14 @@ def find_files(folder: Path) -> dict[str, Path]:
 
 GLOBAL_NAMES = {"embed.weight": "embed.weight", "lm_head.weight": "output.weight",
                 "norm.weight": "norm.weight"}
+_PROJECTIONS = {"attn.q_proj": "attn.wq", "attn.k_proj": "attn.wk", "attn.v_proj": "attn.wv",
+                "attn.o_proj": "attn.wo", "mlp.gate_proj": "mlp.w_gate",
+                "mlp.up_proj": "mlp.w_up", "mlp.down_proj": "mlp.w_down"}
 LAYER_NAMES = {"input_norm.weight": "attn_norm.weight",
-               "post_attn_norm.weight": "mlp_norm.weight"}
-for _theirs, _ours in (("attn.q_proj", "attn.wq"), ("attn.k_proj", "attn.wk"),
-                       ("attn.v_proj", "attn.wv"), ("attn.o_proj", "attn.wo"),
-                       ("mlp.gate_proj", "mlp.w_gate"), ("mlp.up_proj", "mlp.w_up"),
-                       ("mlp.down_proj", "mlp.w_down")):
-    for _kind in ("weight", "bias"):
-        LAYER_NAMES[f"{_theirs}.{_kind}"] = f"{_ours}.{_kind}"
+               "post_attn_norm.weight": "mlp_norm.weight",
+               **{f"{theirs}.{kind}": f"{ours}.{kind}" for theirs, ours in _PROJECTIONS.items()
+                  for kind in ("weight", "bias")}}
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-
-
 _OURS_GLOBAL = {v: k for k, v in GLOBAL_NAMES.items()}
 _OURS_LAYER = {v: k for k, v in LAYER_NAMES.items()}
 
