@@ -138,6 +138,7 @@ def run(manifest: Path, o: RenderOptions) -> int:
     shard = steps.shard(o.shard)
     only = steps.only(m, o.only)
     n_devices = len(steps.devices(o.devices, o.decode_path))
+    steps.codec_stack()
     model_dir, info = steps.model(m, convert=o.convert,
                                   announce=None if o.quiet else _echo_err)
     steps.ffmpeg()

@@ -15,6 +15,7 @@ from khala_cli.cli import Failure
 from khala_cli.manifest_checks import closest
 from khala_cli.plan import Plan, build_renders, make_plan, parse_shard
 from khala_cli.runner.devices import DeviceError, check_decode_path, parse_devices
+from khala_cli.weights import stack
 from khala_cli.weights.resolve import ModelError, demo_dir, read_info, resolve_model
 
 DEMO_LINE = ("model: demo (tiny and untrained: it renders noise, not music; it is here to try "
@@ -107,6 +108,13 @@ def ffmpeg() -> None:
     problem = outputs.check_ffmpeg()
     if problem:
         raise Failure(exit_codes.MODEL, f"error: {problem}")
+
+
+def codec_stack() -> None:
+    """torch, torchaudio and the codec import as a set, checked before any child needs them."""
+    problem = stack.check()
+    if problem is not None:
+        raise Failure(exit_codes.MODEL, f"error: {problem.message}", f"  fix: {problem.fix}")
 
 
 def plan(m: mf.Manifest, info: Any, *, force: bool, only: tuple[str, ...],

@@ -28,6 +28,7 @@ from typing import Any
 from safetensors import safe_open
 
 from khala_cli import exit_codes
+from khala_cli.weights import stack
 from khala_cli.weights.resolve import (
     LAYOUT_WORDS,
     MIXED,
@@ -90,6 +91,7 @@ def _probe_main(model: str | None) -> dict[str, Any]:
         return out
     out["torch"] = torch.__version__
     out["torch_cuda"] = torch.version.cuda
+    out["stack"] = stack.import_all()
     devices = []
     try:
         available = torch.cuda.is_available()
@@ -183,7 +185,7 @@ def check_torch(probe: dict[str, Any], gpus_seen: int) -> list[Finding]:
                         "run `python -c 'import torch; print(torch.cuda.is_available())'` to see the failure")]
     if "torch_error" in probe:
         return [Finding(ERROR, "torch", f"torch cannot be imported: {probe['torch_error']}",
-                        "reinstall: pip install -e . (torch 2.11)")]
+                        stack.reinstall())]
     out = [Finding(OK, "torch", f"torch {probe['torch']}"
                    + (f" (CUDA {probe['torch_cuda']})" if probe.get("torch_cuda") else " (CPU build)"))]
     devices = probe.get("devices") or []
@@ -204,6 +206,19 @@ def check_torch(probe: dict[str, Any], gpus_seen: int) -> list[Finding]:
                            "fine for the demo model; the real model needs an NVIDIA GPU (24 GB or more) "
                            "for practical speed"))
     return out
+
+
+def check_codec_stack(probe: dict[str, Any]) -> Finding | None:
+    """torch, torchaudio and descript-audio-codec installed as a matching set that imports."""
+    found = stack.versions()
+    problem = stack.version_problem(found)
+    if problem is None and "stack" in probe:
+        problem = stack.import_problem(probe["stack"], found)
+    elif problem is None:
+        return None  # torch itself failed: check_torch says so
+    if problem is not None:
+        return Finding(ERROR, "codec", problem.message, problem.fix)
+    return Finding(OK, "codec", ", ".join(f"{d} {v}" for d, v in found.items()) + " import together")
 
 
 def check_ffmpeg(find_exe: Callable[[], str]) -> Finding:
@@ -362,6 +377,7 @@ def diagnose(model: Path | None, output_dir: Path, *, find_ffmpeg: Callable[[], 
         ram = None
     findings = [check_python()]
     findings += check_torch(probe, gpus_seen)
+    findings += [f for f in [check_codec_stack(probe)] if f is not None]
     findings.append(check_ffmpeg(find_ffmpeg))
     findings += check_model(model, probe)
     findings += check_devices(probe, model, planner, ram)
