@@ -29,6 +29,13 @@ from safetensors import safe_open
 
 from khala_cli import exit_codes
 from khala_cli.weights import stack
+from khala_cli.weights.resolve import (
+    LAYOUT_WORDS,
+    MIXED,
+    default_destination,
+    find_download,
+    mixed_message,
+)
 
 # torch and engine.modeldir (which imports torch) are imported only in the child probe, so
 # the doctor's own process never loads torch and a torch that fails to import becomes a
@@ -246,18 +253,21 @@ def check_ffmpeg(find_exe: Callable[[], str]) -> Finding:
     return Finding(OK, "ffmpeg", f"ffmpeg {version} from {source} ({exe})")
 
 
-def check_model(model: Path | None, probe: dict[str, Any], is_raw_download: Callable[[Path], bool]
-                ) -> list[Finding]:
+def check_model(model: Path | None, probe: dict[str, Any]) -> list[Finding]:
+    """The model directory, or the download (either layout) it still has to be converted from."""
     if model is None:
         return [Finding(OK, "model", "no --model given: the model directory was not checked",
                         "pass --model DIR (a converted model) to check its files")]
     if not model.exists():
         return [Finding(ERROR, "model", f"{model} does not exist",
                         "convert the Khala download with `khala convert SRC DST`")]
-    if not (model / "model.json").exists() and is_raw_download(model):
-        dst = model.parent / f"{model.name}-khala"
-        return [Finding(ERROR, "model", f"{model} is a raw Khala download (Megatron checkpoints)",
-                        f"convert it once: khala convert {model} {dst}")]
+    found = None if (model / "model.json").exists() else find_download(model)
+    if found and found.layout == MIXED:
+        return [Finding(ERROR, "model", mixed_message(model, found),
+                        "then point --model at the converted directory")]
+    if found:
+        return [Finding(ERROR, "model", f"{model} is {LAYOUT_WORDS[found.layout]}",
+                        f"convert it once: khala convert {model} {default_destination(model)}")]
     if not (model / "model.json").is_file():
         return [Finding(ERROR, "model", f"{model}: not a khala model directory (no model.json)",
                         "point --model at a converted model (khala convert SRC DST makes one)")]
@@ -351,7 +361,6 @@ def check_disk(output_dir: Path, take: int) -> Finding:
 def diagnose(model: Path | None, output_dir: Path, *, find_ffmpeg: Callable[[], str],
              take_bytes: int, gpus_seen: int = 0, planner: Planner | None = None,
              decode: DecodeChooser | None = None,
-             is_raw_download: Callable[[Path], bool] = lambda p: False,
              probe: dict[str, Any] | None = None) -> list[Finding]:
     """All findings, in the order they are printed."""
     if model is not None:
@@ -370,7 +379,7 @@ def diagnose(model: Path | None, output_dir: Path, *, find_ffmpeg: Callable[[], 
     findings += check_torch(probe, gpus_seen)
     findings += [f for f in [check_codec_stack(probe)] if f is not None]
     findings.append(check_ffmpeg(find_ffmpeg))
-    findings += check_model(model, probe, is_raw_download)
+    findings += check_model(model, probe)
     findings += check_devices(probe, model, planner, ram)
     if decode is not None:
         findings.append(check_decode(probe, decode))

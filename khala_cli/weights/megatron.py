@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from khala_cli.engine.config import TransformerConfig
 from khala_cli.weights.safe_load import CheckpointReadError, safe_dcp_metadata, safe_torch_load
 
 # torch and megatron-core are imported inside the functions that use them: this module is
@@ -28,6 +29,7 @@ from khala_cli.weights.safe_load import CheckpointReadError, safe_dcp_metadata, 
 # megatron-core is optional (khala-cli[convert]); its absence becomes a MegatronError.
 
 TRACKER = "latest_checkpointed_iteration.txt"
+DEFAULT_MAX_SEQ_LEN = TransformerConfig.__dataclass_fields__["max_seq_len"].default
 COMMON = "common.pt"
 DCP_METADATA = ".metadata"
 CONFIG_JSON = "metadata.json"
@@ -316,6 +318,15 @@ class Arch:
             "mlp.linear_fc2.bias": (h,),
         }
         return shapes[tail]
+
+    def config(self, vocab: int) -> TransformerConfig:
+        """Our config for this shape; `vocab`: the embedding's rows (the padded vocabulary)."""
+        return TransformerConfig(
+            vocab_size=vocab, hidden_size=self.hidden, num_layers=self.layers,
+            num_heads=self.heads, num_kv_heads=self.groups, head_dim=self.head_dim,
+            ffn_hidden_size=self.ffn, norm_eps=self.norm_eps, rope_base=self.rope_base,
+            max_seq_len=max(self.seq_len, DEFAULT_MAX_SEQ_LEN), double_fc1_bias=True,
+        )
 
 
 def _arg(args: Any, name: str, default: Any = None) -> Any:
