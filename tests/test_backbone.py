@@ -338,8 +338,8 @@ def test_compiled_decode_compiles_once_per_batch_size_whatever_the_song():
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("temperature,seeds", [(0.0, [1]), (0.9, [4]), (0.9, [1, 2, 3])])
 def test_eager_step_draws_what_the_plain_step_draws(monkeypatch, threads, temperature, seeds):
-    """The eager decode (step_hidden, row_linear) gives the tokens and log-probabilities of
-    the plain one (decode_hidden at the position, F.linear), bit for bit."""
+    """The eager decode (step_hidden) gives the tokens and log-probabilities of the plain one
+    (decode_hidden at the position), bit for bit."""
     wide = TransformerConfig(vocab_size=LAYOUT.backbone_vocab, hidden_size=128, num_layers=2,
                              num_heads=4, num_kv_heads=2, head_dim=32, ffn_hidden_size=384,
                              max_seq_len=256)
@@ -352,12 +352,13 @@ def test_eager_step_draws_what_the_plain_step_draws(monkeypatch, threads, temper
     try:
         fast, fast_lp = backbone.decode_tokens(model, LAYOUT, PROMPT, seeds, **kw)
 
-        def plain_step(self, ids, pos):
-            h = self.decode_hidden(ids[:, None], torch.tensor([pos]), pos + 1, masked=False)
+        def plain_step(self, ids, spans):
+            (span,) = spans
+            h = self.decode_hidden(ids[:, None], torch.tensor([span.pos]), span.pos + 1,
+                                   masked=False)
             return h[:, -1]
 
         monkeypatch.setattr(Transformer, "step_hidden", plain_step)
-        monkeypatch.setattr(backbone, "row_linear", torch.nn.functional.linear)
         plain, plain_lp = backbone.decode_tokens(model, LAYOUT, PROMPT, seeds, **kw)
     finally:
         torch.set_num_threads(before)

@@ -10,11 +10,10 @@ import torch
 from khala_cli.engine.config import TransformerConfig
 from khala_cli.engine.tokens import PAD
 from khala_cli.engine.transformer import (
-    SPLIT_MAX_ROWS,
+    ROW_MAX,
     RMSNorm,
+    Span,
     Transformer,
-    _checked_chunks,
-    _split_linear,
     apply_rope,
     rope_angles,
     row_linear,
@@ -320,22 +319,24 @@ def threads(request):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
-def test_row_linear_is_f_linear_bit_for_bit(threads):
-    torch.manual_seed(0)
-    split = 0
-    for n, k in [(128, 64), (384, 128), (1408, 512), (512, 1408), (130, 64), (32, 32)]:
-        w = torch.randn(n, k) * 0.05
-        for b in (torch.randn(n), None):
-            for shape in [(1, 1, k), (1, k), (3, 1, k), (8, k), (k,), (SPLIT_MAX_ROWS + 1, 1, k)]:
-                chunks = _checked_chunks(torch.Size(shape), w, b, threads) if len(shape) > 1 else 1
-                assert chunks == 1 or (n % chunks == 0 and 1 < chunks <= threads)
-                split += chunks > 1
-                x = torch.randn(shape)  # 1-D: F.linear's own matrix-vector kernel
-                want = torch.nn.functional.linear(x, w, b)
-                assert torch.equal(row_linear(x, w, b), want)
-                if chunks > 1:  # the check on random inputs stands for every input
-                    assert torch.equal(_split_linear(x, w, b, chunks), want)
-    assert split > 0 if threads > 1 else split == 0  # on one thread nothing is split
+def test_row_linear_gives_each_row_its_own_numbers_whatever_the_batch(threads):
+    """Each row of a row product is the row alone, bit for bit, at every row count and
+    position (F.linear's rows are not: its one-, few- and many-row kernels round apart)."""
+    gen = torch.Generator().manual_seed(0)
+    for n, k in [(128, 64), (384, 128), (1025, 512), (1408, 512), (512, 1408), (130, 64)]:
+        w = torch.randn(n, k, generator=gen) * 0.05
+        for b in (torch.randn(n, generator=gen), None):
+            rows = torch.randn(40, 1, k, generator=gen)
+            alone = [row_linear(rows[i : i + 1], w, b) for i in range(len(rows))]
+            for m in (2, 3, 5, 8, 9, 16, 17, 40):
+                got = row_linear(rows[:m], w, b)
+                assert all(torch.equal(got[i], alone[i][0]) for i in range(m)), (n, k, m)
+                torch.testing.assert_close(got, torch.nn.functional.linear(rows[:m], w, b))
+            flat = row_linear(rows[3:8, 0], w, b)  # [B, in] as [B, 1, in]
+            assert all(torch.equal(flat[i], alone[3 + i][0, 0]) for i in range(5))
+    x = torch.randn(ROW_MAX + 1, 1, 64, generator=gen)  # a prefill's rows: F.linear itself
+    w = torch.randn(32, 64, generator=gen)
+    assert torch.equal(row_linear(x, w), torch.nn.functional.linear(x, w))
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
@@ -355,3 +356,35 @@ def test_step_hidden_equals_unmasked_decode_hidden(threads, batch):
         for a, b in zip(plain.layers, lean.layers, strict=True):
             assert torch.equal(a.attn.cache.k, b.attn.cache.k)
             assert torch.equal(a.attn.cache.v, b.attn.cache.v)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_a_step_over_several_songs_caches_gives_each_song_its_lone_numbers(threads):
+    """Rows of two songs (prompts of 4 and 9 tokens, caches of their own lengths) step
+    together; each row's hidden state and keys are those of its song stepping alone."""
+    model = make_model(WIDE)
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 400, (1, 4)), torch.randint(0, 400, (1, 9))]
+    rows, lengths = [2, 1], [30, 24]
+    feed = torch.randint(0, 400, (3, 8))
+    with torch.inference_mode():
+        alone = []
+        for prompt, n, length, ids in zip(prompts, rows, lengths, (feed[:2], feed[2:]),
+                                          strict=True):
+            p = prompt.shape[1]
+            model.setup_cache(n, length)
+            model.decode_hidden(prompt.expand(n, -1), torch.arange(p), p, masked=False)
+            alone.append(torch.stack([model.step_hidden(ids[:, t], p + t) for t in range(8)]))
+            alone.append([layer.attn.cache.k.clone() for layer in model.layers])
+        model.setup_caches(list(zip(rows, lengths, strict=True)))
+        for c, prompt in enumerate(prompts):
+            p = prompt.shape[1]
+            model.decode_hidden(prompt, torch.arange(p), p, masked=False, cache=c)
+            model.copy_cache_row(0, p, cache=c)
+        together = torch.stack([model.step_hidden(feed[:, t], [Span(0, 2, 4 + t), Span(1, 1, 9 + t)])
+                                for t in range(8)])
+        assert torch.equal(together[:, :2], alone[0]) and torch.equal(together[:, 2:], alone[2])
+        for layer, ka, kb in zip(model.layers, alone[1], alone[3], strict=True):
+            assert torch.equal(layer.attn.caches[0].k, ka)
+            assert torch.equal(layer.attn.caches[1].k, kb)
+        model.clear_cache()

@@ -1,18 +1,25 @@
-"""Backbone decode: one prompt, B seeds, interleaved q0/q1 tokens with a static KV cache.
+"""Backbone decode: rows of one or several songs, interleaved q0/q1 tokens, static KV caches.
 
-Each batch row is one seed. Step t samples token t: even steps from the q0 codebook plus
-end-of-song, odd steps from the q1 codebook only, so the pairing cannot break. The hidden
-states are projected onto just those output rows. The loop issues device work only; the
-host looks at the tokens every `check_every` steps to stop early and report progress.
-The log-probability of every sampled token is kept on the device beside it (no host sync
-per token), for the take's `logprob_mean`: the model's own confidence in what it sampled.
+Each batch row is one take: a song (prompt, sampling settings, token cap) at one seed. Step t
+samples token t of every row: even steps from the q0 codebook plus end-of-song, odd steps
+from the q1 codebook only, so the pairing cannot break. The hidden states are projected onto
+just those output rows. The loop issues device work only; the host looks at the tokens every
+`check_every` steps to stop rows at end-of-song and report progress. The log-probability of
+every sampled token is kept on the device beside it (no host sync per token), for the take's
+`logprob_mean`: the model's own confidence in what it sampled.
+
+A row's numbers never depend on its batch-mates (docs/DESIGN.md, Randomness): each song is
+prefilled alone into a KV cache of its own length; each step's products are row products
+(transformer.row_linear); each song's rows attend over their own cache in a call of their
+own; rows are sampled in groups of equal settings with noise keyed on (seed, step,
+candidate). On the eager path a row that ends leaves the batch (its cache row is reused).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +28,7 @@ from torch import Tensor
 
 from khala_cli.engine.sampling import STREAM_BACKBONE, row_keys, sample_top_k, seed_tensor
 from khala_cli.engine.tokens import TokenLayout
-from khala_cli.engine.transformer import Transformer, row_linear
+from khala_cli.engine.transformer import Span, Transformer, row_linear
 
 CHECK_EVERY = 64  # steps between host looks (stop at end-of-song, progress)
 # Compiled / graphed steps read keys up to the next multiple of this, with a causal mask
@@ -29,13 +36,33 @@ CHECK_EVERY = 64  # steps between host looks (stop at end-of-song, progress)
 KV_BUCKET = 1024
 
 
-class _Decoder:
-    """Static device state of one batched decode and the step that advances it."""
+@dataclass(frozen=True)
+class Song:
+    """One prompt's rows in a backbone batch: its seeds, sampling settings and token cap."""
 
-    def __init__(self, model: Transformer, layout: TokenLayout, seeds: Tensor, top_k: int,
-                 temperature: float, max_new: int) -> None:
-        self.model, self.top_k, self.temperature = model, top_k, temperature
-        dev = seeds.device
+    prompt_ids: list[int]
+    seeds: list[int]
+    top_k: int
+    temperature: float
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class _Row:
+    song: int  # index into the batch's songs
+    seed: int
+    prompt_len: int
+    cap: int  # tokens this row may decode (its song's cap, within the sequence length)
+
+
+class _Decoder:
+    """Device state of one batched decode over `rows` (a slot per live row, grouped by song
+    in cache order) and the step that advances it."""
+
+    def __init__(self, model: Transformer, layout: TokenLayout, songs: Sequence[Song],
+                 rows: list[_Row], width: int, per_row_pos: bool) -> None:
+        self.model, self.songs, self.rows = model, songs, list(rows)
+        dev = model.embed.weight.device
         w = model.output.weight
         q0, q1 = layout.layer_range(0), layout.layer_range(1)
         self.ids = {
@@ -43,32 +70,57 @@ class _Decoder:
             1: torch.arange(*q1, device=dev),
         }
         self.weights = {0: w[self.ids[0]].contiguous(), 1: w[q1[0] : q1[1]]}
-        self.keys = row_keys(seeds, STREAM_BACKBONE)
-        b = seeds.shape[0]
-        self.tokens = torch.zeros(b, max_new, dtype=torch.int64, device=dev)
-        self.logp = torch.zeros(b, max_new, dtype=torch.float32, device=dev)
+        self.keys = row_keys(seed_tensor([r.seed for r in rows], dev), STREAM_BACKBONE)
+        b = len(rows)
+        self.tokens = torch.zeros(b, width, dtype=torch.int64, device=dev)
+        self.logp = torch.zeros(b, width, dtype=torch.float32, device=dev)
         self.tok = torch.zeros(b, dtype=torch.int64, device=dev)  # last sampled token
-        self.pos = torch.zeros(1, dtype=torch.int64, device=dev)  # where `tok` goes in
+        # where `tok` goes in: one position for all rows, or each row its own ([B, 1])
+        self.pos = torch.zeros((b, 1) if per_row_pos else (1,), dtype=torch.int64, device=dev)
+        self.last_pos = model.cache_len - 1  # a row past its cap stays inside the cache
         self.step = torch.zeros(1, dtype=torch.int64, device=dev)  # index of the next token
+        self.regroup()
+
+    def regroup(self) -> None:
+        """Sampling groups: live slots of equal (top_k, temperature), as index tensors (None:
+        every slot, the one-setting case)."""
+        dev = self.tok.device
+        by: dict[tuple[int, float], list[int]] = {}
+        for i, r in enumerate(self.rows):
+            song = self.songs[r.song]
+            by.setdefault((song.top_k, song.temperature), []).append(i)
+        self.groups = [(k, t, None if len(by) == 1 else torch.tensor(ix, device=dev))
+                       for (k, t), ix in by.items()]
 
     def sample(self, hidden: Tensor, parity: int) -> None:
         """Sample token `step` from hidden [B, hidden]; record it; advance the counters."""
         logits = row_linear(hidden, self.weights[parity])
-        tok, logp = sample_top_k(logits, self.keys, top_k=self.top_k,
-                                 temperature=self.temperature, step=self.step,
-                                 candidate_ids=self.ids[parity], with_logprob=True)
+        tok, logp = self.tok.clone(), torch.zeros_like(self.logp[:, 0])
+        for top_k, temperature, ix in self.groups:
+            lg, keys = (logits, self.keys) if ix is None else (logits[ix], self.keys[ix])
+            t, lp = sample_top_k(lg, keys, top_k=top_k, temperature=temperature,
+                                 step=self.step, candidate_ids=self.ids[parity],
+                                 with_logprob=True)
+            if ix is None:
+                tok, logp = t, lp
+            else:
+                tok.index_copy_(0, ix, t)
+                logp.index_copy_(0, ix, lp)
         self.tokens.index_copy_(1, self.step, tok[:, None])
         self.logp.index_copy_(1, self.step, logp[:, None])
         self.tok.copy_(tok)
         self.pos.add_(1)
+        if self.pos.dim() == 2:
+            self.pos.clamp_(max=self.last_pos)
         self.step.add_(1)
 
-    def step_fn(self, parity: int, kv_len: int, masked: bool = True) -> None:
+    def step_fn(self, parity: int, kv_len: int, masked: bool = True,
+                spans: Sequence[Span] | None = None) -> None:
         """Feed `tok` at `pos`, sample the next token (of the given parity). masked=False:
-        kv_len is exactly pos + 1 (eager decoding reads no key past the position), which
-        the host knows, so the eager step takes the leaner `step_hidden`."""
+        the eager step, each span of rows reading exactly its own cache's past keys
+        (`step_hidden`, host positions)."""
         if not masked:
-            self.sample(self.model.step_hidden(self.tok, kv_len - 1), parity)
+            self.sample(self.model.step_hidden(self.tok, spans), parity)
             return
         h = self.model.decode_hidden(self.tok[:, None], self.pos, kv_len, masked=True)
         self.sample(h[:, -1], parity)
@@ -104,82 +156,109 @@ def _kv_len(needed: int, bucket: int, cap: int) -> int:
     return min(cap, math.ceil(needed / bucket) * bucket)
 
 
+RowTokens = tuple[np.ndarray, np.ndarray]  # one row's tokens [steps] and log-probabilities
+
+
 @torch.inference_mode()
-def decode_tokens(
+def decode_songs(
     model: Transformer,
     layout: TokenLayout,
-    prompt_ids: list[int],
-    seeds: list[int],
+    songs: Sequence[Song],
     *,
-    top_k: int,
-    temperature: float,
-    max_new_tokens: int,
     progress: Callable[[int, float], None] | None = None,
     max_seq_len: int | None = None,
     stop_at_end: bool = True,
     check_every: int = CHECK_EVERY,
     compile: bool = False,
     cuda_graphs: bool = False,
-    with_logprobs: bool = False,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """The raw decode behind `generate`: token ids [B, steps], one row per seed.
+) -> list[list[RowTokens]]:
+    """The raw decode of several songs in one batch: per song, per seed, (tokens [steps],
+    logprobs [steps]), each token's log-probability under the distribution it was drawn
+    from (see sample_top_k).
 
-    Steps run until every row has emitted end-of-song (looked at every `check_every`
-    steps, so rows may run on past theirs: ignore what follows it) or max_new_tokens.
-    stop_at_end=False always decodes max_new_tokens (benchmarks).
-    with_logprobs: return (tokens, logprobs), logprobs float32 [B, steps], each token's
-    log-probability under the distribution it was drawn from (see sample_top_k).
+    A row runs until its song's cap (within the sequence length) or until it has emitted
+    end-of-song (looked at every `check_every` steps, so a row may run on past its end:
+    ignore what follows it). stop_at_end=False always decodes to the cap (benchmarks).
     """
-    if not prompt_ids:
+    if any(not s.prompt_ids for s in songs):
         raise ValueError("the backbone needs a non-empty prompt")
+    seq_cap = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    rows = [_Row(i, int(seed), len(s.prompt_ids),
+                 max(0, min(int(s.max_new_tokens), seq_cap - len(s.prompt_ids))))
+            for i, s in enumerate(songs) for seed in s.seeds]
+    out: dict[int, RowTokens] = {}
+    empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+    live = [(i, r) for i, r in enumerate(rows) if r.cap > 0]
+    if live:
+        done = _decode(model, layout, songs, [r for _, r in live], seq_cap, progress=progress,
+                       stop_at_end=stop_at_end, check_every=check_every, compile=compile,
+                       cuda_graphs=cuda_graphs)
+        out = {i: done[j] for j, (i, _) in enumerate(live)}
+    results: list[list[RowTokens]] = [[] for _ in songs]
+    for i, r in enumerate(rows):
+        results[r.song].append(out.get(i, empty))
+    return results
+
+
+def _decode(model: Transformer, layout: TokenLayout, songs: Sequence[Song], rows: list[_Row],
+            seq_cap: int, *, progress, stop_at_end: bool, check_every: int, compile: bool,
+            cuda_graphs: bool) -> list[RowTokens]:
+    """decode_songs over rows that all decode at least one token, in their order."""
     device = model.embed.weight.device
-    cap = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
-    p = len(prompt_ids)
-    max_new = min(int(max_new_tokens), cap - p)
-    b = len(seeds)
-    if max_new <= 0 or b == 0:
-        empty = np.zeros((b, 0), dtype=np.int64)
-        return (empty, empty.astype(np.float32)) if with_logprobs else empty
     graphs = cuda_graphs and device.type == "cuda"
     eager = not (graphs or compile)
-    # A compiled step is specialised to the shapes it sees (cache, rope table, token
-    # buffers): at the cap they are the same for every song of a batch size, so a worker
-    # compiles once per batch size rather than once per prompt length and song length.
-    cache_len = p + max_new if eager else cap
-
-    model.setup_cache(b, cache_len)
+    width = max(r.cap for r in rows)
+    used = sorted({r.song for r in rows})
+    if eager:  # each song its own cache, of the length it would have alone
+        model.setup_caches([(sum(r.song == s for r in rows),
+                             len(songs[s].prompt_ids) + max(r.cap for r in rows if r.song == s))
+                            for s in used])
+    else:
+        # A compiled step is specialised to the shapes it sees (cache, rope table, token
+        # buffers): at the cap they are the same for every song of a batch size, so a
+        # worker compiles once per batch size rather than once per prompt and song length.
+        model.setup_cache(len(rows), seq_cap)
+        width = seq_cap
     try:
-        st = _Decoder(model, layout, seed_tensor(seeds, device), top_k, temperature,
-                      max_new if eager else cap)
-        _prefill(model, st, prompt_ids, b)
+        mixed = len({r.prompt_len for r in rows}) > 1
+        st = _Decoder(model, layout, songs, rows, width, per_row_pos=mixed and not eager)
+        _prefill(model, st, songs, rows, eager)
         step = _step_runner(model, st, compile=compile, graphs=graphs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # once, so the rate leaves the prefill out
-        t0 = time.perf_counter()
-        done_steps = _decode_steps(step, st, layout.end_of_song_id, eager=eager, p=p,
-                                   max_new=max_new, cache_len=cache_len,
-                                   stop_at_end=stop_at_end, check_every=check_every,
-                                   progress=progress, t0=t0)
-        tokens = st.tokens[:, :done_steps].cpu().numpy()
-        logprobs = st.logp[:, :done_steps].cpu().numpy()
-        elapsed = time.perf_counter() - t0
+        loop = _Loop(st, layout.end_of_song_id, stop_at_end=stop_at_end,
+                     check_every=check_every, progress=progress)
+        if eager:
+            loop.eager(step)
+        else:
+            loop.masked(step, seq_cap)
+        return [loop.results[i] for i in range(len(rows))]
     finally:
         model.clear_cache()
-    if progress is not None:
-        progress(done_steps, (done_steps - 1) / elapsed if done_steps > 1 else 0.0)
-    return (tokens, logprobs) if with_logprobs else tokens
 
 
-def _prefill(model: Transformer, st: _Decoder, prompt_ids: list[int], b: int) -> None:
-    """Prefill once (row 0), copy the prompt's keys/values to every row, sample token 0: the
-    same numbers whatever the batch size."""
-    p = len(prompt_ids)
+def _prefill(model: Transformer, st: _Decoder, songs: Sequence[Song], rows: list[_Row],
+             eager: bool) -> None:
+    """Prefill each song once, alone, copy its prompt's keys/values to each of its rows,
+    and sample token 0 of every row: the same numbers whatever the batch."""
     device = model.embed.weight.device
-    prompt = torch.tensor([prompt_ids], dtype=torch.int64, device=device)
-    h = model.decode_hidden(prompt, torch.arange(p, device=device), p, masked=False)
-    model.copy_cache_row(0, p)
-    st.pos.fill_(p - 1)  # `sample` advances it to p, where token 0 goes in
-    st.sample(h[:, -1].expand(b, -1), 0)
+    last = []
+    for g, s in enumerate(sorted({r.song for r in rows})):
+        ids = songs[s].prompt_ids
+        p = len(ids)
+        mine = [i for i, r in enumerate(rows) if r.song == s]
+        cache, first = (g, 0) if eager else (0, mine[0])
+        prompt = torch.tensor([ids], dtype=torch.int64, device=device)
+        h = model.decode_hidden(prompt, torch.arange(p, device=device), p, masked=False,
+                                cache=cache, row=first)
+        for i in mine[1:]:
+            model.copy_cache_row(first, p, cache=cache, dst=i - mine[0] if eager else i)
+        last.append(h[:, -1].expand(len(mine), -1))
+        if st.pos.dim() == 2:
+            st.pos[mine] = p - 1
+    if st.pos.dim() == 1:
+        st.pos.fill_(rows[0].prompt_len - 1)  # `sample` advances it to p, where token 0 goes
+    st.sample(torch.cat(last), 0)
 
 
 def _step_runner(model: Transformer, st: _Decoder, *, compile: bool, graphs: bool) -> Callable:
@@ -198,22 +277,155 @@ def _step_runner(model: Transformer, st: _Decoder, *, compile: bool, graphs: boo
     return step
 
 
-def _decode_steps(step: Callable, st: _Decoder, eos: int, *, eager: bool, p: int, max_new: int,
-                  cache_len: int, stop_at_end: bool, check_every: int,
-                  progress: Callable[[int, float], None] | None, t0: float) -> int:
-    """Steps 1.. until every row has ended (checked every `check_every`) or max_new; how many
-    steps of tokens there are."""
-    for t in range(1, max_new):
-        if eager:
-            step(t % 2, p + t, False)
-        else:
-            step(t % 2, _kv_len(p + t, KV_BUCKET, cache_len))
-        if (t + 1) % check_every == 0:
-            if stop_at_end and bool((st.tokens[:, 0 : t + 1 : 2] == eos).any(dim=1).all()):
-                return t + 1
-            if progress is not None:
-                progress(t + 1, t / max(time.perf_counter() - t0, 1e-9))
-    return max_new
+class _Loop:
+    """Steps 1.. of a decode until every row has ended: the host side of `_Decoder`."""
+
+    def __init__(self, st: _Decoder, eos: int, *, stop_at_end: bool, check_every: int,
+                 progress: Callable[[int, float], None] | None) -> None:
+        self.st, self.eos, self.stop_at_end = st, eos, stop_at_end
+        self.check_every, self.progress = check_every, progress
+        self.slots = list(range(len(st.rows)))  # slot -> index of the row it holds
+        self.cache_of = {s: g for g, s in enumerate(sorted({r.song for r in st.rows}))}
+        self.results: dict[int, RowTokens] = {}
+        self.t0 = time.perf_counter()
+        self.steps = 1  # tokens decoded per row so far (token 0 came with the prefill)
+
+    def _ended(self) -> list[int]:
+        """Slots whose row has emitted end-of-song (a host look at the device)."""
+        if not self.stop_at_end:
+            return []
+        hit = (self.st.tokens[:, 0 : self.steps : 2] == self.eos).any(dim=1)
+        return [i for i in torch.nonzero(hit).flatten().tolist()]
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            elapsed = max(time.perf_counter() - self.t0, 1e-9)
+            self.progress(self.steps, (self.steps - 1) / elapsed)
+
+    def _keep(self, slot: int) -> None:
+        r = self.st.rows[slot]
+        n = min(self.steps, r.cap)
+        self.results[self.slots[slot]] = (self.st.tokens[slot, :n].cpu().numpy(),
+                                          self.st.logp[slot, :n].cpu().numpy())
+
+    def eager(self, step: Callable) -> None:
+        """The eager loop: rows leave the batch at their cap or end-of-song."""
+        st = self.st
+        while True:
+            gone = [i for i, r in enumerate(st.rows) if self.steps >= r.cap]
+            if self.steps % self.check_every == 0:
+                gone = sorted(set(gone) | set(self._ended()))
+                self._report()
+            if gone:
+                self._drop(gone)
+            if not st.rows:
+                break
+            step(self.steps % 2, 0, False, self._spans())
+            self.steps += 1
+        self._report()
+
+    def masked(self, step: Callable, seq_cap: int) -> None:
+        """The compiled / graphed loop: static shapes, so every row runs to the last."""
+        st = self.st
+        width = max(r.cap for r in st.rows)
+        top = max(r.prompt_len for r in st.rows)
+        while self.steps < width:
+            step(self.steps % 2, _kv_len(min(top + self.steps, seq_cap), KV_BUCKET, seq_cap))
+            self.steps += 1
+            if self.steps % self.check_every == 0:
+                ended = set(self._ended())
+                if all(i in ended or self.steps >= r.cap for i, r in enumerate(st.rows)):
+                    break
+                self._report()
+        for i in range(len(st.rows)):
+            self._keep(i)
+        self._report()
+
+    def _spans(self) -> list[Span]:
+        """Runs of live slots of one song: rows 0.. of that song's cache, one position."""
+        spans: list[Span] = []
+        for r in self.st.rows:
+            cache = self.cache_of[r.song]
+            if spans and spans[-1].cache == cache:
+                spans[-1] = Span(cache, spans[-1].rows + 1, spans[-1].pos)
+            else:
+                spans.append(Span(cache, 1, r.prompt_len + self.steps - 1))
+        return spans
+
+    def _drop(self, gone: list[int]) -> None:
+        """Keep the results of the rows in slots `gone` and take them out of the batch: in
+        each song's cache the last live row moves into a freed row."""
+        st = self.st
+        for slot in gone:
+            self._keep(slot)
+        order: list[int] = []  # new slot -> old slot
+        base = 0
+        while base < len(st.rows):
+            song = st.rows[base].song
+            n = next((i for i in range(base, len(st.rows)) if st.rows[i].song != song),
+                     len(st.rows)) - base
+            rows = _compact(n, {i - base for i in gone if base <= i < base + n})
+            for src, dst in rows.moves:
+                st.model.copy_cache_row(src, st.rows[base].prompt_len + self.steps,
+                                        cache=self.cache_of[song], dst=dst)
+            order += [base + i for i in rows.order]
+            base += n
+        ix = torch.tensor(order, dtype=torch.int64, device=st.tok.device)
+        for name in ("tok", "keys", "tokens", "logp"):
+            setattr(st, name, getattr(st, name).index_select(0, ix))
+        st.rows = [st.rows[i] for i in order]
+        self.slots = [self.slots[i] for i in order]
+        st.regroup()
+
+
+@dataclass
+class _Compacted:
+    order: list[int]  # new cache row -> old cache row
+    moves: list[tuple[int, int]]  # (from, to) cache rows, in order
+
+
+def _compact(n: int, gone: set[int]) -> _Compacted:
+    """Rows 0..n-1 of a cache without the rows in `gone`: each freed row below the new end
+    takes the last live row (one move per freed row)."""
+    order, moves = list(range(n)), []
+    for j in sorted(gone):
+        while order and order[-1] in gone:
+            order.pop()
+        if j >= len(order):
+            break
+        moves.append((len(order) - 1, j))
+        order[j] = order.pop()
+    return _Compacted(order, moves)
+
+
+@torch.inference_mode()
+def decode_tokens(
+    model: Transformer,
+    layout: TokenLayout,
+    prompt_ids: list[int],
+    seeds: list[int],
+    *,
+    top_k: int,
+    temperature: float,
+    max_new_tokens: int,
+    progress: Callable[[int, float], None] | None = None,
+    with_logprobs: bool = False,
+    **options,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """decode_songs for one prompt, as arrays: token ids [B, steps], one row per seed (a row
+    that ended early is padded with end-of-song, its log-probabilities with 0).
+    with_logprobs: return (tokens, logprobs [B, steps])."""
+    if not prompt_ids:
+        raise ValueError("the backbone needs a non-empty prompt")
+    (rows,) = decode_songs(model, layout, [Song(list(prompt_ids), list(seeds), top_k,
+                                                temperature, max_new_tokens)],
+                           progress=progress, **options)
+    steps = max((len(t) for t, _ in rows), default=0)
+    tokens = np.full((len(rows), steps), layout.end_of_song_id, dtype=np.int64)
+    logprobs = np.zeros((len(rows), steps), dtype=np.float32)
+    for i, (t, lp) in enumerate(rows):
+        tokens[i, : len(t)], logprobs[i, : len(lp)] = t, lp
+    return (tokens, logprobs) if with_logprobs else tokens
 
 
 def _kept(layout: TokenLayout, row: np.ndarray, stop_at_end: bool = True) -> tuple[int, bool]:
@@ -271,23 +483,41 @@ def generate_rows(
     max_seq_len: int | None = None,
     **options,
 ) -> list[BackboneRow]:
-    """Decode one prompt for every seed (one batch row each); per seed a BackboneRow.
+    """Decode one prompt for every seed (one batch row each); per seed a BackboneRow:
+    generate_batch with one song."""
+    if not seeds:
+        return []
+    (rows,) = generate_batch(model, layout, [Song(list(prompt_ids), list(seeds), top_k,
+                                                  temperature, max_new_tokens)],
+                             progress=progress, max_seq_len=max_seq_len, **options)
+    return rows
 
-    A row stops at end-of-song (not emitted; ended=end_of_song) or after max_new_tokens
-    (capped so prompt + tokens fit max_seq_len and the config's; ended=token_cap); an odd
-    count drops the last, unpaired q0. progress(tokens_done, tokens_per_s): tokens decoded
-    per row so far and the per-row rate of the steps after the prefill, every
-    `check_every` steps and once at the end.
+
+def generate_batch(
+    model: Transformer,
+    layout: TokenLayout,
+    songs: Sequence[Song],
+    *,
+    progress: Callable[[int, float], None] | None = None,
+    max_seq_len: int | None = None,
+    **options,
+) -> list[list[BackboneRow]]:
+    """Decode several songs in one batch (one row per seed of each); per song, per seed a
+    BackboneRow, the same as the song would get alone.
+
+    A row stops at end-of-song (not emitted; ended=end_of_song) or after its song's
+    max_new_tokens (capped so prompt + tokens fit max_seq_len and the config's;
+    ended=token_cap); an odd count drops the last, unpaired q0. progress(tokens_done,
+    tokens_per_s): steps decoded so far (the tokens of the longest row) and the per-row
+    rate of the steps after the prefill, every `check_every` steps and once at the end.
     options: check_every, compile (torch.compile of the decode step), cuda_graphs (a CUDA
     graph of the step per kv-length bucket) -- the last two for CUDA, default off.
     """
-    if not seeds:
-        return []
-    tokens, logprobs = decode_tokens(
-        model, layout, prompt_ids, seeds, top_k=top_k, temperature=temperature,
-        max_new_tokens=max_new_tokens, progress=progress, max_seq_len=max_seq_len,
-        with_logprobs=True, **options)
-    return [row_result(layout, t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
+    if not any(s.seeds for s in songs):
+        return [[] for _ in songs]
+    raw = decode_songs(model, layout, songs, progress=progress, max_seq_len=max_seq_len,
+                       **options)
+    return [[row_result(layout, t, lp) for t, lp in rows] for rows in raw]
 
 
 def generate(model: Transformer, layout: TokenLayout, prompt_ids: list[int], seeds: list[int],

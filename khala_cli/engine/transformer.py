@@ -16,7 +16,8 @@ output rows they need (`project`), never the full vocabulary unless they ask for
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,61 +62,65 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
-# A product split across threads gives each chunk a multiple of this many output rows:
-# BLAS kernels compute the rows in vector blocks and a partial block at the end of a chunk
-# can round differently; tiny chunks also leave the BLAS for torch's own loop.
-CHUNK_ROWS = 64
-SPLIT_MAX_ROWS = 64  # a decode step's batch; longer inputs (prefill) thread well in F.linear
-_ROW_CHUNKS: dict[tuple, int] = {}  # (x shape, weight shape, has bias, threads) -> chunks
+# Row products. A decode step's products have a few rows (one per batch row), and how a BLAS
+# rounds one row depends on how many rows share the product: MKL's one-row product (a matrix-
+# vector kernel), its two- and three-row products and its full tiles (split over threads) each
+# round differently. oneDNN's matmul rounds every row of a product of 2..8 rows (more for some
+# shapes) the same way, wherever the row sits and whatever the thread count. So on the CPU in
+# fp32 a step's rows go through oneDNN, a single row padded with a zero row to two, and a row
+# count whose rows are not each equal to that two-row product (checked once per shape) is split
+# in halves: a row's numbers never depend on its batch-mates.
+ROW_MAX = 64  # a decode step's batch; longer inputs (prefill) go through F.linear
+ROW_CHUNK = 16  # the most rows of one product (more are split in halves)
+_ROWS_OK: dict[tuple, bool] = {}  # (rows, weight shape, has bias, threads) -> rows equal alone
 
 
 def row_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """F.linear(x, w, b) for x of a few rows: [B, 1, in] or [B, in], B <= SPLIT_MAX_ROWS
-    (F.linear of a 1-D x is a matrix-vector product that rounds differently, and stays one).
-
-    On the CPU in fp32 the weight's output rows go in one chunk per thread through one
-    batched product: MKL runs a product of a few rows on one core, which reads the weights
-    at about half the machine's memory bandwidth, and the batched product spreads its chunks
-    over the threads. Every output element is the same dot product as in F.linear, so the
-    result is bit-identical; that is checked once per shape, and a shape that differs stays
-    on F.linear."""
-    if torch.compiler.is_compiling():  # a compiled step chooses its own kernels
+    """F.linear(x, w, b) for x of a few rows, [B, 1, in] or [B, in], B <= ROW_MAX, each row
+    computed the same way whatever B is and wherever the row sits (on the CPU in fp32; on
+    other devices and dtypes, and inside a compiled step, it is F.linear)."""
+    rows = x.numel() // max(1, w.shape[1])
+    if (torch.compiler.is_compiling() or not _ONEDNN or x.dim() < 2 or not x.is_cpu
+            or x.dtype != torch.float32 or w.dtype != x.dtype or rows > ROW_MAX):
         return F.linear(x, w, b)
-    chunks = _row_chunks(x, w, b)
-    return F.linear(x, w, b) if chunks == 1 else _split_linear(x, w, b, chunks)
+    y = _rows(x.reshape(rows, -1).contiguous(), w, b)
+    return y.view(*x.shape[:-1], w.shape[0])
 
 
-def _split_linear(x: Tensor, w: Tensor, b: Tensor | None, chunks: int) -> Tensor:
-    n, k = w.shape
-    rows = x.numel() // k
-    wt = w.view(chunks, n // chunks, k).transpose(1, 2)
-    xs = x.reshape(1, rows, k).expand(chunks, rows, k)
-    y = torch.bmm(xs, wt) if b is None else torch.baddbmm(b.reshape(chunks, 1, -1), xs, wt)
-    return y.transpose(0, 1).reshape(*x.shape[:-1], n)  # [chunks, rows, n / chunks] -> rows
+def _onednn_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [None], "")
 
 
-def _row_chunks(x: Tensor, w: Tensor, b: Tensor | None) -> int:
-    if (x.dim() < 2 or x.shape[-1] != w.shape[1] or x.numel() > SPLIT_MAX_ROWS * w.shape[1]
-            or not x.is_cpu or x.dtype != torch.float32 or w.dtype != x.dtype
-            or not w.is_contiguous()):
-        return 1
-    key = (tuple(x.shape), tuple(w.shape), b is not None, torch.get_num_threads())
-    if key not in _ROW_CHUNKS:
-        _ROW_CHUNKS[key] = _checked_chunks(x.shape, w, b, key[3])
-    return _ROW_CHUNKS[key]
+def _rows(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    m = x.shape[0]
+    if m == 1:
+        return _onednn_linear(F.pad(x, (0, 0, 0, 1)), w, b)[:1]
+    if m <= ROW_CHUNK and _rows_equal_alone(m, w, b):
+        return _onednn_linear(x, w, b)
+    half = m // 2
+    return torch.cat([_rows(x[:half], w, b), _rows(x[half:], w, b)])
 
 
-def _checked_chunks(shape: torch.Size, w: Tensor, b: Tensor | None, threads: int) -> int:
-    """The most chunks (<= threads, of a multiple of CHUNK_ROWS rows each) whose split
-    product equals F.linear bit for bit on a few random inputs of x's shape; 1 if none."""
-    n, _ = w.shape
-    chunks = next((c for c in range(min(threads, n // CHUNK_ROWS), 1, -1)
-                   if n % (c * CHUNK_ROWS) == 0), 1)
-    test = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0)).to(w.dtype)
-    for x in test if chunks > 1 else ():
-        if not torch.equal(_split_linear(x, w, b, chunks), F.linear(x, w, b)):
-            return 1
-    return chunks
+def _rows_equal_alone(m: int, w: Tensor, b: Tensor | None) -> bool:
+    """Whether every row of an m-row product equals the row alone (padded to two rows), bit
+    for bit, on a random input: checked once per shape and thread count."""
+    key = (m, tuple(w.shape), b is not None, torch.get_num_threads())
+    if key not in _ROWS_OK:
+        x = torch.randn(m, w.shape[1], generator=torch.Generator().manual_seed(m)).to(w.dtype)
+        y = _onednn_linear(x, w, b)
+        _ROWS_OK[key] = all(torch.equal(y[i], _rows(x[i : i + 1], w, b)[0]) for i in range(m))
+    return _ROWS_OK[key]
+
+
+def _onednn_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN = _onednn_available()
 
 
 class KVCache:
@@ -126,11 +131,30 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int,
+               row: int = 0) -> tuple[Tensor, Tensor]:
+        """Write k, v [b, kv_heads, S, head_dim] into rows row..row+b-1 at input_pos ([S],
+        or [b, S]: each row its own positions); their keys and values up to kv_len."""
         b = k.shape[0]
-        self.k[:b].index_copy_(2, input_pos, k)
-        self.v[:b].index_copy_(2, input_pos, v)
-        return self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]
+        ck, cv = self.k[row : row + b], self.v[row : row + b]
+        if input_pos.dim() == 1:
+            ck.index_copy_(2, input_pos, k)
+            cv.index_copy_(2, input_pos, v)
+        else:
+            at = input_pos[:, None, :, None].expand_as(k)
+            ck.scatter_(2, at, k)
+            cv.scatter_(2, at, v)
+        return ck[:, :, :kv_len], cv[:, :, :kv_len]
+
+
+@dataclass(frozen=True)
+class Span:
+    """Consecutive rows of a decode step that share one KV cache (one song) and one position:
+    rows 0..rows-1 of cache `cache`, their token going in at `pos`."""
+
+    cache: int
+    rows: int
+    pos: int
 
 
 class Attention(nn.Module):
@@ -142,7 +166,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim)
         self.wv = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim)
         self.wo = nn.Linear(c.num_heads * c.head_dim, c.hidden_size)
-        self.cache: KVCache | None = None
+        self.caches: list[KVCache] = []  # one per song of a decode (setup_caches)
+
+    @property
+    def cache(self) -> KVCache | None:
+        return self.caches[0] if self.caches else None
 
     def forward(
         self,
@@ -155,23 +183,22 @@ class Attention(nn.Module):
         mask: Tensor | None = None,
         causal: bool = False,
         q_block: int | None = None,
+        cache: int = 0,
+        row: int = 0,
     ) -> Tensor:
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        lin = row_linear if input_pos is not None and s == 1 else F.linear
+        q = lin(x, self.wq.weight, self.wq.bias).view(b, s, self.num_heads, self.head_dim)
+        k = lin(x, self.wk.weight, self.wk.bias).view(b, s, self.num_kv_heads, self.head_dim)
+        v = lin(x, self.wv.weight, self.wv.bias).view(b, s, self.num_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if input_pos is not None:  # cached causal decode; `mask`: [1, 1, s, kv_len] or None
-            assert self.cache is not None, "call setup_cache() first"
-            k, v = self.cache.update(input_pos, k, v, kv_len)
+        if input_pos is not None:  # cached causal decode; `mask`: [1 or B, 1, s, kv_len] or None
+            assert self.caches, "call setup_cache() first"
+            k, v = self.caches[cache].update(input_pos, k, v, kv_len, row)
             if s == 1:
-                # One query per head: fold each KV group's query heads into the query axis
-                # (head h = g * rep + r reads group g), one SDPA over kv_heads, no K/V copy.
-                g = self.num_kv_heads
-                y = F.scaled_dot_product_attention(q.reshape(b, g, -1, self.head_dim), k, v,
-                                                   attn_mask=mask)
-                y = y.view(b, self.num_heads, 1, self.head_dim)
+                y = one_query_attention(q, k, v, mask)
             else:  # without a mask: a prefill from position 0 (kv_len == s), plain causal
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                    enable_gqa=True)
@@ -179,23 +206,48 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             y = _blocked_attention(q, k, v, mask, q_block)
-        return self.wo(y.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        return lin(y.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim),
+                   self.wo.weight, self.wo.bias)
 
-    def step(self, x: Tensor, cos: Tensor, sin: Tensor, pos: int) -> Tensor:
-        """The cached decode of one token per row at host position `pos`, reading keys
-        0..pos: forward(x, input_pos=[pos], kv_len=pos + 1) without a mask, with the same
-        arithmetic. x: [B, 1, hidden]; cos, sin: [1, head_dim // 2]."""
+    def step(self, x: Tensor, cos: Tensor, sin: Tensor, spans: Sequence[Span]) -> Tensor:
+        """The cached decode of one token per row, each span of rows reading its own cache's
+        keys 0..pos: per span forward(x, input_pos=[pos], kv_len=pos + 1) without a mask,
+        with the same arithmetic. x: [B, 1, hidden]; cos, sin: [1, head_dim // 2], or
+        [B, 1, 1, head_dim // 2] (each row its own position)."""
         b, d, g = x.shape[0], self.head_dim, self.num_kv_heads
         q = row_linear(x, self.wq.weight, self.wq.bias).view(b, self.num_heads, 1, d)
         k = row_linear(x, self.wk.weight, self.wk.bias).view(b, g, 1, d)
         v = row_linear(x, self.wv.weight, self.wv.bias).view(b, g, 1, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache = self.cache
-        cache.k[:b, :, pos : pos + 1] = k
-        cache.v[:b, :, pos : pos + 1] = v
-        y = F.scaled_dot_product_attention(q.view(b, g, -1, d), cache.k[:b, :, : pos + 1],
-                                           cache.v[:b, :, : pos + 1])
+        ys, r = [], 0
+        for sp in spans:
+            cache, n, pos = self.caches[sp.cache], sp.rows, sp.pos
+            cache.k[:n, :, pos : pos + 1] = k[r : r + n]
+            cache.v[:n, :, pos : pos + 1] = v[r : r + n]
+            ys.append(one_query_attention(q[r : r + n], cache.k[:n, :, : pos + 1],
+                                          cache.v[:n, :, : pos + 1]))
+            r += n
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)
         return row_linear(y.view(b, 1, -1), self.wo.weight, self.wo.bias)
+
+
+def one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Attention of one query per head: q [B, heads, 1, D] over k, v [B, kv_heads, L, D]
+    (mask None, or [1 or B, 1, 1, L]). Each KV group's query heads are folded into the query
+    axis (head h = g * rep + r reads group g): one SDPA over kv_heads, no K/V copy. On the
+    CPU the kernel splits its work by batch size and thread count, and rounds a row with it:
+    there each row gets the call it would get alone."""
+    b, h, _, d = q.shape
+    g = k.shape[1]
+    qf = q.reshape(b, g, h // g, d)
+    if not q.is_cpu or b == 1:
+        y = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask)
+    else:
+        y = torch.cat([F.scaled_dot_product_attention(
+            qf[i : i + 1], k[i : i + 1], v[i : i + 1],
+            attn_mask=None if mask is None else mask[i : i + 1] if mask.shape[0] > 1 else mask)
+            for i in range(b)])
+    return y.view(b, h, 1, d)
 
 
 def _blocked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q_block: int | None) -> Tensor:
@@ -249,10 +301,11 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, **attn_kwargs) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, **attn_kwargs)
-        return x + self.mlp(self.mlp_norm(x))
+        one_token = attn_kwargs.get("input_pos") is not None and x.shape[1] == 1
+        return x + self.mlp(self.mlp_norm(x), linear=row_linear if one_token else F.linear)
 
-    def step(self, x: Tensor, cos: Tensor, sin: Tensor, pos: int) -> Tensor:
-        x = x + self.attn.step(self.attn_norm(x), cos, sin, pos)
+    def step(self, x: Tensor, cos: Tensor, sin: Tensor, spans: Sequence[Span]) -> Tensor:
+        x = x + self.attn.step(self.attn_norm(x), cos, sin, spans)
         return x + self.mlp(self.mlp_norm(x), linear=row_linear)
 
 
@@ -299,63 +352,88 @@ class Transformer(nn.Module):
     # ---- KV cache -------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_seq_len: int, *, device=None, dtype=None) -> None:
         """Preallocate every layer's [B, kv_heads, max_seq_len, head_dim] cache."""
+        self.setup_caches([(batch_size, max_seq_len)], device=device, dtype=dtype)
+
+    def setup_caches(self, shapes: Sequence[tuple[int, int]], *, device=None, dtype=None) -> None:
+        """Preallocate every layer's caches, one per (rows, length): each song of a batch
+        gets the cache it would get alone."""
         w = self.embed.weight
         device, dtype = device or w.device, dtype or w.dtype
         c = self.config
         for layer in self.layers:
-            layer.attn.cache = KVCache(batch_size, c.num_kv_heads, max_seq_len, c.head_dim, device, dtype)
-        self.cache_batch, self.cache_len = batch_size, max_seq_len
-        self._rope_table(max_seq_len, device)
+            layer.attn.caches = [KVCache(b, c.num_kv_heads, n, c.head_dim, device, dtype)
+                                 for b, n in shapes]
+        self.cache_batch = sum(b for b, _ in shapes)
+        self.cache_len = max(n for _, n in shapes)
+        self._rope_table(self.cache_len, device)
 
     def clear_cache(self) -> None:
         for layer in self.layers:
-            layer.attn.cache = None
+            layer.attn.caches = []
         self.cache_batch = self.cache_len = 0
 
-    def copy_cache_row(self, src: int = 0, length: int | None = None) -> None:
-        """Copy cache row `src` (its first `length` positions) into every other row."""
-        n = self.cache_len if length is None else length
+    def copy_cache_row(self, src: int = 0, length: int | None = None, *, cache: int = 0,
+                       dst: int | None = None) -> None:
+        """Copy row `src` of cache `cache` (its first `length` positions) into row `dst`, or
+        into every other row."""
         for layer in self.layers:
-            cache = layer.attn.cache
-            for t in (cache.k, cache.v):
-                t[:, :, :n] = t[src : src + 1, :, :n]
+            c = layer.attn.caches[cache]
+            n = c.k.shape[2] if length is None else length
+            for t in (c.k, c.v):
+                if dst is None:
+                    t[:, :, :n] = t[src : src + 1, :, :n]
+                else:
+                    t[dst, :, :n] = t[src, :, :n]
 
     # ---- forward passes -------------------------------------------------------------
     def _inputs(self, x: Tensor) -> Tensor:
         return x if x.is_floating_point() else self.embed_ids(x)
 
     def decode_hidden(
-        self, x: Tensor, input_pos: Tensor, kv_len: int | None = None, *, masked: bool = True
+        self, x: Tensor, input_pos: Tensor, kv_len: int | None = None, *, masked: bool = True,
+        cache: int = 0, row: int = 0,
     ) -> Tensor:
         """Causal pass through the KV cache. x: ids [B, S] (or embeddings), B <= cache batch;
-        input_pos: [S] absolute positions (device tensor); kv_len: keys read (host int,
-        > max(input_pos)), default the whole cache. masked=False skips the mask built from
-        the positions: allowed for one query at position kv_len - 1 (it sees every key
-        read), or for a prefill at positions 0..S-1 with kv_len == S (plain causal
-        attention). Returns normed hidden [B, S, hidden]."""
+        input_pos: [S] absolute positions (device tensor), or [B, S]: each row its own;
+        kv_len: keys read (host int, > max(input_pos)), default the whole cache.
+        masked=False skips the mask built from the positions: allowed for one query at
+        position kv_len - 1 (it sees every key read), or for a prefill at positions 0..S-1
+        with kv_len == S (plain causal attention). cache, row: the rows written are rows
+        row..row+B-1 of that cache. Returns normed hidden [B, S, hidden]."""
         kv_len = self.cache_len if kv_len is None else kv_len
         if not masked and x.shape[1] > 1 and kv_len != x.shape[1]:
             raise ValueError("an unmasked multi-token pass must be a prefill with kv_len == S")
         h = self._inputs(x)
         cos_t, sin_t = self._rope_table(self.cache_len, h.device)
         cos, sin = cos_t[input_pos], sin_t[input_pos]
+        if input_pos.dim() == 2:  # [B, S, D/2] -> [B, 1, S, D/2], beside the heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         mask = None
         if masked:
             key_pos = torch.arange(kv_len, device=h.device)
-            mask = (key_pos[None, :] <= input_pos[:, None])[None, None]
+            mask = key_pos <= input_pos[..., None]  # [S, kv_len] or [B, S, kv_len]
+            mask = mask[None, None] if input_pos.dim() == 1 else mask[:, None]
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos=input_pos, kv_len=kv_len, mask=mask)
+            h = layer(h, cos, sin, input_pos=input_pos, kv_len=kv_len, mask=mask, cache=cache,
+                      row=row)
         return self.norm(h)
 
-    def step_hidden(self, ids: Tensor, pos: int) -> Tensor:
+    def step_hidden(self, ids: Tensor, pos: int | Sequence[Span]) -> Tensor:
         """decode_hidden(ids[:, None], [pos], pos + 1, masked=False)[:, -1], bit for bit,
         with less work per step: one id per row (ids: [B], never PAD) at a host position.
-        Returns normed hidden [B, hidden]."""
+        pos: one position for all rows (cache 0), or spans of rows, each with its own cache
+        and position (the rows of several songs). Returns normed hidden [B, hidden]."""
+        spans = [Span(0, ids.shape[0], pos)] if isinstance(pos, int) else list(pos)
         x = self.embed(ids)[:, None]  # embed_ids of a single non-pad column, exactly
         cos_t, sin_t = self._rope_table(self.cache_len, x.device)
-        cos, sin = cos_t[pos : pos + 1], sin_t[pos : pos + 1]
+        if len(spans) == 1:
+            p = spans[0].pos
+            cos, sin = cos_t[p : p + 1], sin_t[p : p + 1]
+        else:
+            at = torch.tensor([sp.pos for sp in spans for _ in range(sp.rows)], device=x.device)
+            cos, sin = cos_t[at][:, None, None], sin_t[at][:, None, None]
         for layer in self.layers:
-            x = layer.step(x, cos, sin, pos)
+            x = layer.step(x, cos, sin, spans)
         return self.norm(x[:, 0])
 
     def full_hidden(

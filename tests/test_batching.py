@@ -1,0 +1,135 @@
+"""Rows of different songs in one batch: every take's numbers are its own.
+
+A take's backbone tokens (and log-probabilities), its codes and its audio are the same bits
+whether it renders alone, beside its own seeds or beside other songs, at any batch size and
+any position in the batch, at 1 and 2 threads, in fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from khala_cli.engine import backbone
+from khala_cli.engine.backbone import Song
+from khala_cli.engine.config import TransformerConfig
+from khala_cli.engine.sampling import row_keys, seed_tensor
+from khala_cli.engine.tokens import TokenLayout
+from khala_cli.engine.transformer import Transformer
+
+LAYOUT = TokenLayout(audio_offset=300, codebook_size=64, num_quantizers=6, bos_id=1,
+                     end_of_song_id=2, no_use_id=4)
+WIDE = TransformerConfig(vocab_size=LAYOUT.backbone_vocab, hidden_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=32, ffn_hidden_size=384,
+                         max_seq_len=256)
+
+
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def make_model(seed: int = 5) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(WIDE).eval()
+    with torch.no_grad():
+        model.output.weight.mul_(6.0)  # peaky enough that seeds matter; end-of-song within
+        # reach of a wide top-k, out of reach of the others' narrow ones
+    return model
+
+
+def songs() -> list[Song]:
+    """Three songs: prompt lengths 6, 23 and 11, caps 90, 57 and 120, greedy and sampled at
+    different top-k and temperatures; the last (top-k 70, end-of-song within reach) ends
+    early."""
+    gen = np.random.default_rng(3)
+    prompts = [gen.integers(5, 290, n).tolist() for n in (6, 23, 11)]
+    return [Song(prompts[0], [7], top_k=5, temperature=0.9, max_new_tokens=90),
+            Song(prompts[1], [8], top_k=1, temperature=0.0, max_new_tokens=57),
+            Song(prompts[2], [9], top_k=70, temperature=1.3, max_new_tokens=120)]
+
+
+def decode(model, batch: list[Song], **kw) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    return backbone.decode_songs(model, LAYOUT, batch, check_every=8, **kw)
+
+
+def assert_rows_equal(a, b) -> None:
+    for (ta, la), (tb, lb) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(ta, tb)
+        np.testing.assert_array_equal(la, lb)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_songs_in_one_batch_decode_what_each_decodes_alone(threads):
+    model = make_model()
+    three = songs()
+    alone = [decode(model, [s])[0] for s in three]
+    ends = [backbone.row_result(LAYOUT, *rows[0]).ended for rows in alone]
+    lengths = [len(rows[0][0]) for rows in alone]
+    assert ends[2] == "end_of_song" and lengths[2] < 120  # one ends on its own, early
+    assert ends[0] == ends[1] == "token_cap" and lengths[:2] == [90, 57]
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):  # every song at every position
+        together = decode(model, [three[i] for i in order])
+        for j, i in enumerate(order):
+            assert_rows_equal(together[j], alone[i])
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_a_sweep_and_other_songs_share_a_batch_and_keep_their_numbers(threads):
+    model = make_model()
+    three = songs()
+    sweep = Song(three[0].prompt_ids, [7, 11, 12, 13, 14, 15, 16, 17], top_k=5,
+                 temperature=0.9, max_new_tokens=90)
+    by_seed = {seed: decode(model, [Song(sweep.prompt_ids, [seed], 5, 0.9, 90)])[0][0]
+               for seed in sweep.seeds}
+    (eight,) = decode(model, [sweep])
+    assert_rows_equal(eight, [by_seed[s] for s in sweep.seeds])
+    mixed = decode(model, [three[1], Song(sweep.prompt_ids, [12, 7], 5, 0.9, 90), three[2]])
+    assert_rows_equal(mixed[1], [by_seed[12], by_seed[7]])
+    assert_rows_equal(mixed[0], decode(model, [three[1]])[0])
+    assert_rows_equal(mixed[2], decode(model, [three[2]])[0])
+
+
+def test_a_row_that_ends_early_leaves_its_batch_mates_alone(monkeypatch):
+    """Seed 21 is made to end at token 12; its batch-mates' tokens are those they decode
+    when it runs to the cap beside them (and those they decode alone)."""
+    model = make_model()
+    three = songs()
+    batch = [three[0], Song(three[1].prompt_ids, [21], 5, 0.9, 100), three[1]]
+    free = decode(model, batch)
+    real = backbone.sample_top_k
+    key = int(row_keys(seed_tensor([21]), 0))
+
+    def ends_21(logits, keys, *, step, candidate_ids, **kw):
+        tok, logp = real(logits, keys, step=step, candidate_ids=candidate_ids, **kw)
+        return torch.where((keys == key) & (step == 12), LAYOUT.end_of_song_id, tok), logp
+
+    monkeypatch.setattr(backbone, "sample_top_k", ends_21)
+    cut = decode(model, batch)
+    assert backbone.row_result(LAYOUT, *cut[1][0]).ended == "end_of_song"
+    assert len(cut[1][0][0]) == 16  # seen at the check after token 12, then it left
+    np.testing.assert_array_equal(cut[1][0][0][:12], free[1][0][0][:12])
+    assert_rows_equal(cut[0], free[0])
+    assert_rows_equal(cut[2], free[2])
+
+
+def test_rows_leave_the_batch_and_their_cache_rows_are_reused():
+    """After rows leave, the others' attention reads their own keys: a batch whose rows end
+    at different steps gives each row its lone tokens (the cache rows were moved)."""
+    model = make_model()
+    prompt = songs()[0].prompt_ids
+    caps = [20, 70, 35, 90, 50]
+    batch = [Song(prompt, [40 + i], 5, 0.9, cap) for i, cap in enumerate(caps)]
+    together = decode(model, batch)
+    for i, s in enumerate(batch):
+        assert len(together[i][0][0]) == caps[i]
+        assert_rows_equal(together[i], decode(model, [s])[0])
+    sweep = Song(prompt, [40, 41, 42, 43, 44], 5, 0.9, 90)
+    moved = backbone._compact(5, {0, 2})
+    assert moved.order == [4, 1, 3] and moved.moves == [(4, 0), (3, 2)]
+    assert backbone._compact(4, {1, 3}).order == [0, 2]
+    assert decode(model, [sweep])[0][1][0].shape == (90,)
