@@ -151,12 +151,14 @@ def test_cross_fade_at_seams_matches_independent_formula(codec, frames):
     assert not np.allclose(pieces[0][s * HOP : s * HOP + ov], pieces[1][:ov], atol=1e-4)
 
 
-def test_windows_batched_across_songs_equal_one_at_a_time(codec):
+def test_a_song_decodes_to_the_same_bits_beside_other_songs(codec):
     songs = [random_codes(150, seed=5), random_codes(45, seed=6), random_codes(100, seed=7)]
     together = codec.decode_windowed(songs)
-    alone = [codec.decode_windowed([s], window_batch=1)[0] for s in songs]
-    for a, b in zip(together, alone, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for i, song in enumerate(songs):
+        (alone,) = codec.decode_windowed([song])
+        assert np.array_equal(together[i], alone)
+    one_at_a_time = codec.decode_windowed([songs[0]], window_batch=1)[0]
+    np.testing.assert_allclose(together[0], one_at_a_time, rtol=1e-5, atol=1e-6)
 
 
 def test_decode_progress_counts_windows(codec):
@@ -165,23 +167,24 @@ def test_decode_progress_counts_windows(codec):
     assert seen[0] == (0, 5) and seen[-1] == (5, 5)  # 200 frames: 4 windows; 50: 1
 
 
-def test_out_of_memory_halves_the_window_batch(monkeypatch):
+def test_window_groups_hold_one_song_and_come_from_the_config(monkeypatch):
     codec = make_codec(window=40, overlap=10)
     codec.fold_weight_norm()
     songs = [random_codes(100, seed=8), random_codes(100, seed=9)]  # windows of 40, 40, 40, 10
-    expected = codec.decode_windowed(songs, window_batch=1)
     inner = codec.decoder.forward
-    sizes = []
+    shapes = []
 
-    def limited(z):
-        sizes.append(z.shape[0])
-        if z.shape[0] > 2:
-            raise torch.OutOfMemoryError("pretend the device is full")
+    def spy(z):
+        shapes.append(tuple(z.shape))
         return inner(z)
 
-    monkeypatch.setattr(codec.decoder, "forward", limited)
-    monkeypatch.setattr(codec, "window_batch_size", lambda frames: 8)
-    got = codec.decode_windowed(songs)
-    assert sizes[:3] == [6, 4, 2] and max(sizes[3:]) <= 2  # six 40-frame windows, then halved
-    for a, b in zip(got, expected, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(codec.decoder, "forward", spy)
+    monkeypatch.setattr(codec, "window_group", lambda frames: 2)
+    codec.decode_windowed(songs)
+    latent = codec.config.latent_dim
+    # per song: its three 40-frame windows as 2 + 1, its 10-frame tail alone
+    assert shapes == [(2, latent, 40), (1, latent, 40), (1, latent, 10)] * 2
+    real = CodecConfig()  # the real codec: a 1920-frame window is over 2 GiB on its own
+    assert real.window_group(real.window_frames) == 1
+    assert make_codec().config.window_group(80) == 16
+

@@ -62,18 +62,20 @@ def test_passes_markers_inputs_and_window(monkeypatch):
                             progress=lambda d, t: done.append((d, t)))
 
     nq = LAYOUT.num_quantizers
-    assert len(seen_x) == nq - 2 == 4
+    assert len(seen_x) == 2 * (nq - 2) == 8  # per layer one pass per seed, on its rows alone
     assert done == [(i, 4) for i in range(1, 5)]
     for i, layer in enumerate(range(2, nq)):
         start, end = LAYOUT.layer_range(layer)
-        rows, shape = seen_rows[i]
-        assert (rows.start, rows.stop) == (start, end)  # only this layer's window
-        assert tuple(shape) == (2, 9, CFG.hidden_size)  # only the audio rows
-        # the pass saw exactly columns 0..layer-1 of the result, marker on the last prompt row
         for b in range(2):
+            rows, shape = seen_rows[2 * i + b]
+            assert (rows.start, rows.stop) == (start, end)  # only this layer's window
+            assert tuple(shape) == (1, 9, CFG.hidden_size)  # only the audio rows
+            # the pass saw exactly columns 0..layer-1 of the result, marker on the last
+            # prompt row
             want = model.embed_ids(full_ids(out[b], layer))[0]
-            torch.testing.assert_close(seen_x[i][b], want)
-        torch.testing.assert_close(seen_x[i][0, len(PROMPT) - 1], model.embed.weight[300 - 1 - layer])
+            torch.testing.assert_close(seen_x[2 * i + b][0], want)
+            torch.testing.assert_close(seen_x[2 * i + b][0, len(PROMPT) - 1],
+                                       model.embed.weight[300 - 1 - layer])
     for b in range(2):
         assert out[b].shape == (nq, 9) and out[b].dtype == np.int64
         np.testing.assert_array_equal(out[b][:2], codes_in[b])

@@ -3,7 +3,8 @@
 The decoder blocks are those of `descript-audio-codec`, built as the reference builds them
 (2 output channels) with the final Tanh dropped. Long songs are decoded in overlapping
 windows that are joined by a linear cross-fade, with the seam arithmetic of the reference
-(`decode_to_wav`); windows of equal length go through the decoder together as one batch.
+(`decode_to_wav`); a song's windows of equal length go through the decoder together, in
+groups whose size comes from the config: a take's audio depends on the take alone.
 """
 
 from __future__ import annotations
@@ -169,18 +170,9 @@ class Codec(nn.Module):
         """Single pass, no windows: codes [B, Q, T] -> waveform [B, channels, T * hop]."""
         return self.decoder(self.latents(codes))
 
-    def window_batch_size(self, frames: int) -> int:
-        """How many windows of `frames` frames to decode in one forward, from free memory."""
-        per_window = self._activation_bytes(frames)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * 0.8)
-        else:
-            budget = 2 * 1024**3
-        return int(max(1, min(16, budget // max(1, per_window))))
-
-    def _activation_bytes(self, frames: int) -> int:
-        return self.config.window_activation_bytes(frames, self.codebooks.element_size())
+    def window_group(self, frames: int) -> int:
+        """Windows of `frames` frames of one song per decoder forward (CodecConfig)."""
+        return self.config.window_group(frames, self.codebooks.element_size())
 
     @torch.inference_mode()
     def decode_windowed(
@@ -192,8 +184,10 @@ class Codec(nn.Module):
         """Decode songs in overlapping windows, cross-faded as the reference does.
 
         items: per song, int codes [Q, frames]. Returns per song float32 [samples, channels],
-        samples = frames * hop. Windows of equal length, from all songs, are decoded together
-        (up to `window_batch` per forward; by default as many as memory allows).
+        samples = frames * hop. A song's windows of equal length go through the decoder
+        together, `window_batch` at a time (default `window_group`), never with another
+        song's: a forward's shape, and so how the convolutions round, depends on the song
+        alone, not on its batch-mates or on free memory.
         """
         lat, windows = self._plan(items)
         decoded = self._decode_windows(lat, windows, progress, window_batch)
@@ -217,31 +211,21 @@ class Codec(nn.Module):
     def _decode_windows(self, lat: list[torch.Tensor], windows: list[Window],
                         progress: DecodeProgress | None, window_batch: int | None,
                         ) -> dict[Window, torch.Tensor]:
-        """Each window's waveform [channels, samples]; windows of equal length go together."""
+        """Each window's waveform [channels, samples]: per song, its windows of equal length
+        in groups of a fixed size."""
         decoded: dict[Window, torch.Tensor] = {}
         total = len(windows)
         if progress:
             progress(0, total)
-        by_len: dict[int, list[Window]] = {}
+        groups: dict[tuple[int, int], list[Window]] = {}
         for w in windows:
-            by_len.setdefault(w.frames, []).append(w)
-        for frames, group in sorted(by_len.items(), reverse=True):
-            step = window_batch or self.window_batch_size(frames)
-            b = 0
-            while b < len(group):
-                part = group[b : b + step]
+            groups.setdefault((w.item, w.frames), []).append(w)
+        for (_, frames), same in groups.items():
+            step = window_batch or self.window_group(frames)
+            for b in range(0, len(same), step):
+                part = same[b : b + step]
                 z = torch.stack([lat[w.item][:, w.start : w.start + w.frames] for w in part])
-                try:
-                    wav = self.decoder(z).float().cpu()
-                except torch.OutOfMemoryError:
-                    if step == 1 or window_batch:
-                        raise
-                    del z
-                    step = max(1, step // 2)  # the memory estimate was optimistic
-                    torch.cuda.empty_cache()
-                    continue
-                decoded.update(zip(part, wav, strict=True))
-                b += len(part)
+                decoded.update(zip(part, self.decoder(z).float().cpu(), strict=True))
                 if progress:
                     progress(len(decoded), total)
         return decoded

@@ -74,6 +74,10 @@ class TransformerConfig(_JsonConfig):
             raise ValueError("head_dim must be even for rotary embeddings")
 
 
+WINDOW_GROUP_BYTES = 2 * 1024**3  # activations of one decoder forward (CodecConfig.window_group)
+MAX_WINDOW_GROUP = 16
+
+
 @dataclass(frozen=True)
 class CodecConfig(_JsonConfig):
     """DAC RVQ decoder: summed codebooks -> DAC decoder blocks -> stereo waveform."""
@@ -107,6 +111,14 @@ class CodecConfig(_JsonConfig):
             length *= r
             biggest = max(biggest, ch * length)
         return 8 * biggest * dtype_bytes
+
+    def window_group(self, frames: int, dtype_bytes: int = 4) -> int:
+        """How many windows of `frames` frames of one song the decoder takes in one forward:
+        from this config alone (never from free memory or from other songs), so a take's
+        audio depends on the take alone. About WINDOW_GROUP_BYTES of activations; the real
+        codec's 1920-frame window needs more on its own, so it goes one at a time."""
+        per = self.window_activation_bytes(frames, dtype_bytes)
+        return int(max(1, min(MAX_WINDOW_GROUP, WINDOW_GROUP_BYTES // max(1, per))))
 
     @property
     def frame_rate(self) -> float:

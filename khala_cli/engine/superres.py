@@ -68,8 +68,10 @@ def upsample(
     q_block: int | None = None,
 ) -> list[np.ndarray]:
     """q0/q1 codes ([2, frames] per seed) -> all layers' codes ([num_quantizers, frames],
-    offsets subtracted; rows 0 and 1 are the given q0, q1). One batch row per seed, the
-    same prompt for all. progress(layers_done, layers_total) after every pass."""
+    offsets subtracted; rows 0 and 1 are the given q0, q1), the same prompt for all seeds.
+    Each seed's passes run on its own rows alone, so its codes never depend on what it is
+    rendered beside (a padded batch rounds differently). progress(layers_done,
+    layers_total) once every seed has filled a layer."""
     if len(q01) != len(seeds):
         raise ValueError("one q01 array per seed")
     if not seeds:
@@ -77,41 +79,38 @@ def upsample(
     if not prompt_ids:
         raise ValueError("super-res needs a non-empty prompt (its last row carries the marker)")
     device = model.embed.weight.device
-    dtype = model.embed.weight.dtype
     p, nq = len(prompt_ids), layout.num_quantizers
     frames = [int(np.asarray(c).shape[-1]) for c in q01]
-    fmax = max(frames)
-    s = p + fmax
-    ids = _rows(layout, prompt_ids, q01, s, device)
-    row = torch.arange(s, device=device)
-    real = row[None, :] < torch.tensor([p + f for f in frames], device=device)[:, None]  # [B, S]
-    key_mask = None if min(frames) == fmax else real
-    audio = real[:, p:]  # [B, F] frames that exist
-    seed_t = seed_tensor(seeds, device)
-    frame_idx = torch.arange(fmax, device=device)
-    total = nq - 2
-
-    # Sum of the embeddings of columns 0..L-1 (fp32), grown by one column per pass; the
-    # marker row's embedding is set per pass (its only non-pad column is column 0).
-    acc = model.add_column(model.add_column(None, ids[..., 0]), ids[..., 1])
+    ids = [_rows(layout, prompt_ids, [c], p + f, device) for c, f in zip(q01, frames, strict=True)]
+    # Per seed the sum of the embeddings of columns 0..L-1 (fp32), grown by one column per pass.
+    acc = [model.add_column(model.add_column(None, x[..., 0]), x[..., 1]) for x in ids]
     for layer in range(2, nq):
-        marker = layout.marker_id(layer)
-        ids[:, p - 1, 0] = marker
-        x = acc.to(dtype, copy=True)
-        x[:, p - 1] = model.embed.weight[marker]
-        if fmax == 0:
-            ids[:, :, layer] = PAD
-        else:
-            hidden = model.full_hidden(x, key_mask, q_block=q_block)[:, p:]
-            start, end = layout.layer_range(layer)
-            logits = model.project(hidden, slice(start, end))  # [B, F, codebook]
-            keys = row_keys(seed_t, STREAM_SUPERRES + layer)[:, None]
-            code = sample_top_k(logits, keys, top_k=top_k, temperature=1.0, step=frame_idx)
-            ids[:, p:, layer] = torch.where(audio, code + start, PAD)
-            acc = model.add_column(acc, ids[..., layer])
+        for i, seed in enumerate(seeds):
+            if frames[i]:
+                acc[i] = _fill_layer(model, layout, ids[i], acc[i], layer, seed, p, top_k, q_block)
+            else:
+                ids[i][:, :, layer] = PAD
         if progress is not None:
-            progress(layer - 1, total)
-    return _codes(layout, ids, p, frames)
+            progress(layer - 1, nq - 2)
+    return [_codes(layout, x, p, [f])[0] for x, f in zip(ids, frames, strict=True)]
+
+
+def _fill_layer(model: Transformer, layout: TokenLayout, ids: Tensor, acc: Tensor, layer: int,
+                seed: int, p: int, top_k: int, q_block: int | None) -> Tensor:
+    """One pass over one seed's rows ids [1, S, Q]: sample layer `layer` of its frames (noise
+    keyed on seed, layer, frame, code) into ids; its embedding sum with that column added."""
+    marker = layout.marker_id(layer)
+    ids[:, p - 1, 0] = marker
+    x = acc.to(model.embed.weight.dtype, copy=True)
+    x[:, p - 1] = model.embed.weight[marker]  # the marker row's only non-pad column is 0
+    hidden = model.full_hidden(x, None, q_block=q_block)[:, p:]
+    start, end = layout.layer_range(layer)
+    logits = model.project(hidden, slice(start, end))  # [1, F, codebook]
+    keys = row_keys(seed_tensor([seed], ids.device), STREAM_SUPERRES + layer)[:, None]
+    frame_idx = torch.arange(ids.shape[1] - p, device=ids.device)
+    code = sample_top_k(logits, keys, top_k=top_k, temperature=1.0, step=frame_idx)
+    ids[:, p:, layer] = code + start
+    return model.add_column(acc, ids[..., layer])
 
 
 @torch.inference_mode()
