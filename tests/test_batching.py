@@ -133,3 +133,78 @@ def test_rows_leave_the_batch_and_their_cache_rows_are_reused():
     assert moved.order == [4, 1, 3] and moved.moves == [(4, 0), (3, 2)]
     assert backbone._compact(4, {1, 3}).order == [0, 2]
     assert decode(model, [sweep])[0][1][0].shape == (90,)
+
+
+# ---- the whole pipeline: codes and WAV bytes ---------------------------------------------
+
+
+def _song_request(pipe, *, mode: str, tags: tuple[str, ...], duration: int, seeds: list[int],
+                  tokens: int, top_k: int, temperature: float, lyrics: str = ""):
+    from khala_cli.engine.pipeline import Request
+    from khala_cli.prompt import PromptSpec, prompt_ids
+
+    spec = PromptSpec(mode=mode, tags=tags, lyrics=lyrics, duration=duration)
+    bb, sr = prompt_ids(pipe.tokenizer, spec)
+    return Request(backbone_ids=bb, superres_ids=sr, seeds=seeds, top_k_bb=top_k,
+                   temperature=temperature, top_k_sr=10, max_new_tokens=tokens,
+                   duration=duration)
+
+
+def _wavs(pipe, takes) -> list[bytes]:
+    from khala_cli.outputs import wav_bytes
+
+    return [wav_bytes(t.audio, pipe.codec_config.sample_rate) for t in takes]
+
+
+def _three(pipe) -> list:
+    """Prompts of different lengths, durations 1-3, vocal and instrumental, greedy and
+    sampled; the second's cap ends it long before the others."""
+    return [
+        _song_request(pipe, mode="vocal", tags=("synthwave", "female vocals"), duration=1,
+                      seeds=[3], tokens=260, top_k=80, temperature=1.0,
+                      lyrics="[verse]\nneon rain on the window\nwe run until the morning"),
+        _song_request(pipe, mode="instrumental", tags=("piano",), duration=3, seeds=[4],
+                      tokens=90, top_k=1, temperature=1.0),
+        _song_request(pipe, mode="vocal", tags=("folk", "male vocals", "acoustic guitar"),
+                      duration=2, seeds=[5], tokens=200, top_k=20, temperature=1.3,
+                      lyrics="[chorus]\nhome"),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_a_mixed_batch_of_three_songs_renders_each_take_as_alone(demo_model_dir, threads):
+    from khala_cli.engine.pipeline import Pipeline
+
+    pipe = Pipeline.from_dir(demo_model_dir)
+    reqs = _three(pipe)
+    assert len({len(r.backbone_ids) for r in reqs}) == 3
+    alone = [pipe.render([r])[0][0] for r in reqs]
+    assert [t.codes.shape[1] for t in alone] == [130, 45, 100]
+    order = [2, 0, 1]
+    together = pipe.render([reqs[i] for i in order], batches=[[0, 1, 2]])
+    for j, i in enumerate(order):
+        (take,) = together[j]
+        assert take.batch_size == 3 and take.batch_songs == 3 and alone[i].batch_size == 1
+        assert take.backbone_tokens == alone[i].backbone_tokens
+        assert np.array_equal(take.codes, alone[i].codes)
+        assert _wavs(pipe, [take]) == _wavs(pipe, [alone[i]])
+        assert take.logprob_mean == alone[i].logprob_mean
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_a_sweeps_seeds_render_the_same_bits_at_batch_1_and_8(demo_model_dir, threads):
+    from khala_cli.engine.pipeline import Pipeline
+
+    pipe = Pipeline.from_dir(demo_model_dir)
+    seeds = [21, 22, 23, 24, 25, 26, 27, 28]
+    kw = {"mode": "vocal", "tags": ("synthwave",), "duration": 1, "tokens": 120, "top_k": 80,
+          "temperature": 1.0, "lyrics": "[verse]\nla la la"}
+    (eight,) = pipe.render([_song_request(pipe, seeds=seeds, **kw)])
+    ones = pipe.render([_song_request(pipe, seeds=[s], **kw) for s in seeds])
+    assert [t.batch_size for t in eight] == [8] * 8
+    for take, (one,) in zip(eight, ones, strict=True):
+        assert np.array_equal(take.codes, one.codes)
+        assert _wavs(pipe, [take]) == _wavs(pipe, [one])
+    assert len({t.codes.tobytes() for t in eight}) == 8  # and the seeds differ

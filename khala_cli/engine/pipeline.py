@@ -1,9 +1,11 @@
 """The whole Khala inference path over ids and arrays: backbone -> super-res -> codec.
 
 `Pipeline.from_dir` reads a model directory (configs, tokenizer, tensor names and shapes;
-weights load on first use). `render(requests)` runs every stage over all requests before
-the next stage starts (a wave), so in `one_shot` residency each stage's weights are loaded
-once per call and released when the next stage loads; `keep_loaded` keeps them resident.
+weights load on first use). `render(requests, batches=...)` runs every stage over all
+requests before the next stage starts (a wave), so in `one_shot` residency each stage's
+weights are loaded once per call and released when the next stage loads; `keep_loaded`
+keeps them resident. The requests of one batch (different songs) decode their backbone rows
+together; every take is the same bits as it would be alone.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from khala_cli import model_numbers as mn
 from khala_cli.engine import modeldir
-from khala_cli.engine.backbone import BackboneRow, generate_rows
+from khala_cli.engine.backbone import BackboneRow, Song, generate_batch
 from khala_cli.engine.config import CodecConfig, ModelInfo
 from khala_cli.engine.superres import upsample
 from khala_cli.engine.tokens import TokenLayout
@@ -53,7 +55,8 @@ class Request(mn.Controls):
 class Take:
     """One seed's result. Timings are the wall seconds of the batched stage calls that
     produced it (shared by the takes of one batch); total_s is their sum, and load_s the
-    weight loading done during this render."""
+    weight loading done during this render. batch_size: the takes of its backbone batch
+    (itself included), batch_songs: the requests (songs) among them."""
 
     seed: int
     codes: np.ndarray  # int64 [num_quantizers, frames]
@@ -63,6 +66,8 @@ class Take:
     ended: str = "end_of_song"  # or "token_cap": max_new_tokens cut the song
     logprob_mean: float | None = None  # the backbone's mean log-probability of its tokens
     resumed: bool = False  # its backbone row came from Request.resume (backbone_s is 0)
+    batch_size: int = 1
+    batch_songs: int = 1
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -181,25 +186,36 @@ class Pipeline:
         """Per seed: its BackboneRow, codes int64 [2, frames] q0/q1 (0..codebook_size-1).
         Seeds in req.resume take their saved row; the model decodes (and loads) only for
         the others."""
-        todo = [s for s in req.seeds if s not in req.resume]
-        fresh = iter(self._decode_rows(req, todo, progress) if todo else [])
-        return [req.resume[s] if s in req.resume else next(fresh) for s in req.seeds]
+        return self.backbone_batch([req], progress)[0]
 
-    def _decode_rows(self, req: Request, seeds: list[int],
-                     progress: Progress | None) -> list[BackboneRow]:
+    def backbone_batch(self, reqs: Sequence[Request],
+                       progress: Progress | None = None) -> list[list[BackboneRow]]:
+        """Per request, per seed: its BackboneRow. The rows of all requests (different songs,
+        settings and caps) not in their resume decode together in one batch; each is the
+        row its request would get alone."""
+        todo = [[s for s in r.seeds if s not in r.resume] for r in reqs]
+        fresh = iter(self._decode_rows(reqs, todo, progress) if any(todo) else [])
+        out = []
+        for req, seeds in zip(reqs, todo, strict=True):
+            rows = iter(next(fresh) if seeds else [])
+            out.append([req.resume[s] if s in req.resume else next(rows) for s in req.seeds])
+        return out
+
+    def _decode_rows(self, reqs: Sequence[Request], seeds: list[list[int]],
+                     progress: Progress | None) -> list[list[BackboneRow]]:
+        """Per request with seeds to decode, its rows (requests without are left out)."""
         model = self._get("backbone", progress)
-        total = req.expected_tokens()
+        live = [(r, s) for r, s in zip(reqs, seeds, strict=True) if s]
+        total = max(r.expected_tokens() for r, _ in live)
         cb = None
         if progress:
             def cb(done: int, tokens_per_s: float) -> None:
                 progress("backbone", min(int(done), total), total,
                          {"tokens_per_s": float(tokens_per_s)})
             progress("backbone", 0, total, {"tokens_per_s": 0.0})
-        out = generate_rows(
-            model, self.layout, list(req.backbone_ids), list(seeds),
-            top_k=req.top_k_bb, temperature=req.temperature,
-            max_new_tokens=req.max_new_tokens, progress=cb, **self.backbone_options,
-        )
+        songs = [Song(list(r.backbone_ids), list(s), r.top_k_bb, r.temperature, r.max_new_tokens)
+                 for r, s in live]
+        out = generate_batch(model, self.layout, songs, progress=cb, **self.backbone_options)
         _sync(self.device)
         return out
 
@@ -234,33 +250,39 @@ class Pipeline:
         return codec.decode_windowed(list(codes), progress=cb)
 
     def render(self, requests: Sequence[Request], progress: Progress | None = None, *,
+               batches: Sequence[Sequence[int]] | None = None,
                on_backbone: Callable[[int, list[BackboneRow]], None] | None = None,
                on_error: Callable[[int, BaseException], None] | None = None,
                ) -> list[list[Take]]:
         """All three stages for every request, stage by stage; per request, one Take per seed.
 
-        Progress extras carry "request" (its index) during the backbone and super-res.
+        batches: the requests (indices) whose backbone rows decode together, each request in
+        one batch; default each request a batch of its own. A take is the same bits in any
+        batch. Progress extras carry "batch" (its index) and "requests" (its requests)
+        during the backbone, and "batch" and "request" during super-res.
         on_backbone(i, rows): called once request i's backbone rows exist (to save them).
         on_error(i, exc): without it, any error ends the call; with it, a request whose
         stage raised is reported there (which may re-raise) and gets no takes, and the
-        other requests go on."""
+        other requests go on (a batch that fails, other than out of memory, is decoded
+        again one request at a time, so a request fails only for its own sake)."""
         self._load_s = 0.0
+        groups = _check_batches(len(requests), batches)
         run = _StageRun(self, len(requests), on_error)
+        batch_of = {i: k for k, members in enumerate(groups) for i in members}
 
-        def tagged(i: int) -> Progress | None:
+        def tagged(extra: dict) -> Progress | None:
             if progress is None:
                 return None
-            return lambda phase, done, total, extra: progress(phase, done, total, {**extra, "request": i})
+            return lambda phase, done, total, x: progress(phase, done, total, {**x, **extra})
 
-        def backbone_stage(i: int, req: Request) -> list[BackboneRow]:
-            rows = self.backbone(req, tagged(i))
-            if on_backbone is not None:
-                on_backbone(i, rows)
-            return rows
+        def backbone_stage(k: int, members: list[int]) -> list[list[BackboneRow]]:
+            return self.backbone_batch([requests[i] for i in members],
+                                       tagged({"batch": k, "requests": list(members)}))
 
-        rows = run.each(requests, backbone_stage, "backbone_s")
+        rows = run.batched(groups, backbone_stage, "backbone_s", on_backbone)
         codes = run.each(requests, lambda i, req: self.superres(
-            req, [r.codes for r in rows[i]], tagged(i)), "superres_s")
+            req, [r.codes for r in rows[i]], tagged({"batch": batch_of[i], "request": i})),
+            "superres_s")
         live = [i for i in range(len(requests)) if i not in run.failed]
         t = time.perf_counter()
         try:
@@ -268,14 +290,17 @@ class Pipeline:
         except Exception as exc:
             run.fail(live, exc)
         decode_s = run.stage_time(t)
+        sizes = {k: (sum(len(requests[i].seeds) for i in m), len(m)) for k, m in enumerate(groups)}
         return [[] if i in run.failed else
-                [self._take(req, seed, row, c, next(audio), run.times[i], decode_s, run.load_s)
+                [self._take(req, seed, row, c, next(audio), run.times[i], decode_s, run.load_s,
+                            sizes[batch_of[i]])
                  for seed, row, c in zip(req.seeds, rows[i], codes[i], strict=True)]
                 for i, req in enumerate(requests)]
 
     @staticmethod
     def _take(req: Request, seed: int, row: BackboneRow, codes: np.ndarray, audio: np.ndarray,
-              times: dict[str, float], decode_s: float, load_s: float) -> Take:
+              times: dict[str, float], decode_s: float, load_s: float,
+              batch: tuple[int, int]) -> Take:
         resumed = seed in req.resume
         tm = {**times, "decode_s": decode_s}
         if resumed:
@@ -284,7 +309,21 @@ class Pipeline:
         tm["load_s"] = load_s
         return Take(seed=int(seed), codes=codes, audio=audio,
                     backbone_tokens=2 * int(row.codes.shape[1]), timings=tm, ended=row.ended,
-                    logprob_mean=row.logprob_mean, resumed=resumed)
+                    logprob_mean=row.logprob_mean, resumed=resumed, batch_size=batch[0],
+                    batch_songs=batch[1])
+
+
+def _check_batches(n: int, batches: Sequence[Sequence[int]] | None) -> list[list[int]]:
+    if batches is None:
+        return [[i] for i in range(n)]
+    groups = [[int(i) for i in b] for b in batches if len(b)]
+    if sorted(i for b in groups for i in b) != list(range(n)):
+        raise ValueError(f"batches {groups} must hold each of the {n} requests exactly once")
+    return groups
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
 
 
 class _StageRun:
@@ -325,3 +364,41 @@ class _StageRun:
                 self.fail([i], exc)
             self.times[i][key] = self.stage_time(t)
         return out
+
+    def batched(self, groups: list[list[int]], stage: Callable[[int, list[int]], list],
+                key: str, done: Callable[[int, object], None] | None = None) -> list:
+        """stage(k, members) per batch -> one result per member, timed under `key` (the
+        batch's time for each member), then done(i, result) per member. A failed batch of
+        several requests, other than out of memory, runs again one request at a time (the
+        invariant makes that safe), so a request fails only for its own sake."""
+        out: list = [None] * len(self.times)
+        for k, members in enumerate(groups):
+            t = time.perf_counter()
+            try:
+                results = stage(k, members)
+            except Exception as exc:
+                if self.on_error is None or len(members) == 1 or _out_of_memory(exc):
+                    self.fail(members, exc)
+                    results = None
+                else:
+                    before = self.stage_time(t)
+                    for i in members:
+                        t = time.perf_counter()
+                        self._finish(out, i, lambda i=i, k=k: stage(k, [i])[0], done)
+                        self.times[i][key] = before + self.stage_time(t)
+                    continue
+            elapsed = self.stage_time(t)
+            for j, i in enumerate(members):
+                self.times[i][key] = elapsed
+                if results is not None:
+                    self._finish(out, i, lambda j=j, r=results: r[j], done)
+        return out
+
+    def _finish(self, out: list, i: int, result: Callable[[], object],
+                done: Callable[[int, object], None] | None) -> None:
+        try:
+            out[i] = result()
+            if done is not None:
+                done(i, out[i])
+        except Exception as exc:
+            self.fail([i], exc)
