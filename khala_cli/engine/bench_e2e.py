@@ -28,8 +28,8 @@ import torch
 
 from khala_cli.engine.config import CodecConfig, decode_options
 from khala_cli.engine.pipeline import Pipeline, Request
-from khala_cli.model_numbers import TOKENS_PER_MINUTE
 from khala_cli.engine.random_model import build_random_model, tiny_codec_config
+from khala_cli.model_numbers import TOKENS_PER_MINUTE
 
 REAL_SIZES = {"hidden_size": 2048, "num_layers": 24, "num_heads": 32, "num_kv_heads": 8,
               "head_dim": 64, "ffn_hidden_size": 5632}
