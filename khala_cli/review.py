@@ -3,8 +3,9 @@
     <output_dir>/reports/index.html
 
 Built from what is on disk (every sidecar, and the latest report of each shard, never every
-report ever written), so shards that finish at different times all appear. No server, no CDN: the CSS and JS are inlined and
-every link is relative, so the folder can be copied anywhere and the page still plays.
+report ever written), so shards that finish at different times all appear. No server, no
+CDN: the CSS and JS are inlined and every link is relative, so the folder can be copied
+anywhere and the page still plays.
 Players use preload="none" and waveforms are drawn only when they scroll into view, so a
 page of 10,000 takes opens in seconds. No torch here.
 """

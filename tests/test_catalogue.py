@@ -4,6 +4,7 @@ with mutagen, soundfile and pyloudnorm."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -357,6 +358,7 @@ def test_a_keeper_survives_a_changed_setting_and_force_moves_the_old_one_aside(
     assert json.loads((old1 / "song-s1.json").read_text())["render_key"] == kept_key
     report = khala("report", out)
     assert report.exit_code == 0 and "superseded: 3 replaced take versions" in report.output
+    assert re.search(r"versions, \d+\.\d MB, under .*superseded", report.output), report.output
     assert khala("verify", out).exit_code == 0  # what moved aside is never read as a take
 
 
@@ -397,6 +399,24 @@ def test_two_sources_in_one_destination_keep_each_other(tmp_path):
     assert first.read_bytes() == before and (dest / "Band2" / "Album2" / "01 Song 1.mp3").exists()
     rows = json.loads((dest / "catalogue.json").read_text())["files"]
     assert len(rows) == 2 and "output_dir" in (dest / "catalogue.csv").read_text()
+
+
+def test_rows_from_before_the_source_was_recorded_are_never_removed(out, tmp_path):
+    dest = tmp_path / "cat"
+    khala("keep", out, "night:1", "paper:5")
+    assert khala("export", out, dest).exit_code == 0
+    data = json.loads((dest / "catalogue.json").read_text())
+    for row in data["files"]:
+        del row["output_dir"]  # as an older khala wrote them
+    (dest / "catalogue.json").write_text(json.dumps(data))
+    khala("keep", out, "--drop", "paper:5")
+    res = khala("export", out, dest)
+    assert "0 files, 1 unchanged, 0 removed" in res.output, res.output  # whose it is: unknown
+    assert (dest / "The Band" / "Nights" / "07 Paper Boats.mp3").exists()
+    rows = {r["file"]: r for r in json.loads((dest / "catalogue.json").read_text())["files"]}
+    # the file this export would write anyway is taken over; the other keeps its old row
+    assert rows["The Band/Nights/01 Night Wind.mp3"]["output_dir"] == str(out.resolve())
+    assert "output_dir" not in rows["The Band/Nights/07 Paper Boats.mp3"]
 
 
 def _catalogue_row(dest: Path, **row) -> None:
