@@ -128,8 +128,18 @@ def test_the_page_shows_keepers(out):
 
 
 def measured(path: Path) -> tuple[float, float]:
-    audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    return loudness_lufs(audio, sr), true_peak_db(audio)
+    """Integrated loudness and true peak as ffmpeg's ebur128 filter reads them: not the
+    helpers the export loops on, so the two can disagree."""
+    import imageio_ffmpeg
+
+    proc = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostats", "-hide_banner", "-i",
+                           str(path), "-af", "ebur128=peak=true", "-f", "null", "-"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = proc.stderr[proc.stderr.rindex("Summary:"):]
+    lufs = re.search(r"I:\s+(-?[\d.]+) LUFS", summary)
+    peak = re.search(r"True peak:\s+Peak:\s+(-?[\d.]+|-inf) dBFS", summary)
+    return float(lufs.group(1)), float(peak.group(1))
 
 
 def test_export_mp3_loudness_tags_and_catalogue(out, tmp_path):
@@ -144,7 +154,7 @@ def test_export_mp3_loudness_tags_and_catalogue(out, tmp_path):
     assert names == ["01 Night Wind (take 2).mp3", "01 Night Wind.mp3", "07 Paper Boats.mp3"]
     for p in album.iterdir():
         lufs, tp = measured(p)
-        assert lufs == pytest.approx(-14.0, abs=0.5), p.name
+        assert lufs == pytest.approx(-14.0, abs=0.35), p.name  # MP3 moves it a little
         assert tp <= -1.0, (p.name, tp)
     tags = ID3(album / "01 Night Wind.mp3")
     assert str(tags["TIT2"]) == "Night Wind" and str(tags["TPE1"]) == "The Band"
@@ -181,7 +191,7 @@ def test_export_flac_and_wav_and_loudness_off(out, tmp_path):
     wav = flac.with_suffix(".wav")
     for p in (flac, wav):
         lufs, tp = measured(p)
-        assert lufs == pytest.approx(-16.0, abs=0.5) and tp <= -2.0
+        assert lufs == pytest.approx(-16.0, abs=0.15) and tp <= -2.0
     f = FLAC(flac)
     assert f["TITLE"] == ["Paper Boats"] and f["TRACKNUMBER"] == ["7"]
     assert f["KHALA_SEED"] == ["5"] and f["LYRICS"] == ["[verse]\nla la la"]

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import browser
 import numpy as np
@@ -100,7 +101,8 @@ let left = audios.length;
 if (!left) done(out);
 audios.forEach((a, i) => {
   const finish = (r) => { if (out[i] === undefined) { out[i] = r; if (--left === 0) done(out); } };
-  a.addEventListener('loadedmetadata', () => finish({ok: true, duration: a.duration}));
+  a.addEventListener('loadedmetadata', () => finish({ok: true, duration: a.duration,
+                                                     src: a.currentSrc}));
   a.addEventListener('error', () => finish({ok: false, src: a.currentSrc,
                                            code: a.error && a.error.code}));
   a.preload = 'metadata';
@@ -130,11 +132,19 @@ def test_render_prints_the_page_and_every_player_loads(rendered, tmp_path):
 
 def test_page_survives_being_copied_elsewhere(rendered, tmp_path):
     out, _ = rendered
-    copy = tmp_path / "copied"
-    shutil.copytree(out, copy)
+    # copy, then copy the copy and delete the first one: links that point back to where
+    # the page was made (absolute paths) then have nothing to load
+    first, copy = tmp_path / "first", tmp_path / "copied"
+    shutil.copytree(out, first)
+    shutil.copytree(first, copy)
+    shutil.rmtree(first)
     with browser.chromium() as d:
         _open(d, copy / "reports" / "index.html")
-        assert all(r["ok"] for r in d.execute_async_script(LOAD_ALL))
+        results = d.execute_async_script(LOAD_ALL)
+    assert len(results) == len(list(copy.glob("*/*.mp3"))) == 3, results
+    assert all(r["ok"] for r in results), results
+    inside = copy.resolve().as_uri() + "/"
+    assert all(unquote(r["src"]).startswith(unquote(inside)) for r in results), results
 
 
 def _take_rows(d, job: str) -> list[tuple[int, float, bool]]:
