@@ -15,7 +15,6 @@ import soundfile as sf
 from click.testing import CliRunner
 
 from khala_cli import outputs
-from khala_cli.analysis import loudness_lufs, true_peak_db
 from khala_cli.cli import _register, cli
 from khala_cli.names import safe_component
 from khala_cli.plan import Render
