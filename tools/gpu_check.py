@@ -347,7 +347,9 @@ def call(ctx: Ctx, argv: Command, cwd: Path, timeout: float | None) -> int | Non
             raise
 
 
-def skip_reason(ctx: Ctx, step: Step, estimate: float) -> str | None:
+def plan_step(ctx: Ctx, step: Step, estimate: float) -> list[Command] | str:
+    """The step's commands, or why it is skipped: not chosen, an earlier step it needs did
+    not pass, CUDA only in a dry run, not offered yet, or more than the budget has left."""
     if ctx.only is not None and step.name not in ctx.only:
         return "not in STEPS"
     missing = [n for n in step.needs if ctx.status.get(n) not in ("pass", None)
@@ -356,10 +358,11 @@ def skip_reason(ctx: Ctx, step: Step, estimate: float) -> str | None:
         return f"needs {missing[0]}, which did not pass"
     if step.cuda_only and ctx.dry:
         return SKIP_CUDA
+    cmds = step.commands(ctx)
     left = ctx.left()
-    if not ctx.full and estimate > left:
+    if isinstance(cmds, list) and not ctx.full and estimate > left:
         return f"needs ~{estimate:.0f} s, {max(left, 0):.0f} s left of BUDGET_S={ctx.budget:g}"
-    return None
+    return cmds
 
 
 def record(ctx: Ctx, step: Step, status: str, seconds: float, estimate: float,
@@ -379,8 +382,7 @@ def run_step(ctx: Ctx, step: Step) -> None:
     print(f"== {step.name}: {step.what} (estimate ~{estimate:.0f} s, "
           f"{max(ctx.left(), 0):.0f} s left)", flush=True)
     t0 = time.monotonic()
-    reason = skip_reason(ctx, step, estimate)
-    cmds = step.commands(ctx) if reason is None else reason
+    cmds = plan_step(ctx, step, estimate)
     if isinstance(cmds, str):
         record(ctx, step, "skip", time.monotonic() - t0, estimate, reason=cmds)
         return

@@ -20,15 +20,28 @@ seconds beside its estimate for the first GPU run to correct them. They come fro
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from khala_cli import model_numbers as mn  # noqa: E402  (no torch: devices.py imports none)
-from khala_cli.runner.devices import model_footprint  # noqa: E402
+from khala_cli import model_numbers as mn  # noqa: E402
 
-FP = model_footprint(Path("/nonexistent"))  # the real Khala model's figures
+
+def _devices():
+    """khala_cli/runner/devices.py alone (it imports no torch): the package's __init__ loads
+    the runner, whose imports (ffmpeg-python) the image lacks until the install step."""
+    spec = importlib.util.spec_from_file_location("_gpu_check_devices",
+                                                  ROOT / "khala_cli" / "runner" / "devices.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+FP = _devices().model_footprint(Path("/nonexistent"))  # the real Khala model's figures
 HBM_BYTES_PER_S = 3.35e12
 EAGER_STEP_S = (30 * 24 + 20) * 6e-6
 LOAD_BYTES_PER_S = 2e9

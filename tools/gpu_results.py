@@ -84,11 +84,18 @@ def proven_paths(runs: list[dict]) -> tuple[list[str], list[str]]:
     return [p for _, p in sorted(proven, reverse=True)], why
 
 
+def _figures(figures: dict, width: int = 110) -> str:
+    """A step's figures on one line: key=value, nested ones as compact JSON."""
+    text = " ".join(f"{k}={v if isinstance(v, (str, int, float, bool)) else json.dumps(v)}"
+                    for k, v in figures.items())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def _step_lines(steps: list[dict], plan: dict | None) -> list[str]:
     lines = [f"  {'step':<17} {'status':<6} {'seconds':>8} {'estimate':>8}  note"]
     for s in steps:
         est = "-" if s.get("estimate") is None else f"{s['estimate']:.0f}"
-        note = s.get("reason") or s.get("note") or ""
+        note = s.get("reason") or _figures(s.get("figures") or {})
         lines.append(f"  {s['step']:<17} {s['status']:<6} {s.get('seconds') or 0:8.1f} "
                      f"{est:>8}  {note}")
     done = {s["step"] for s in steps}
@@ -102,17 +109,17 @@ def _run_lines(runs: list[dict]) -> list[str]:
     if not runs:
         return ["  e2e: no render measured"]
     devices = sorted({r["device"] for r in runs})
-    lines = [f"  e2e renders on {', '.join(devices)} (random weights: noise), peak GB "
-             "measured/modelled per stage:",
+    lines = [f"  e2e renders on {', '.join(devices)} (random weights: noise); peak GB "
+             "measured/modelled of the backbone, super-res and decode stages:",
              f"  {'dtype':<8} {'min':>5} {'B':>2} {'residency':<11} {'path':<11} "
-             f"{'songs/min':>9} {'tok/s/row':>9} {'warmup s':>8}  {'peak GB':<38} equal"]
+             f"{'songs/min':>9} {'tok/s/row':>9} {'warmup s':>8}  {'peak GB':<23} equal"]
     for r in runs:
-        model = r.get("model_peak_gb", {})
-        mem = " ".join(f"{k[:2]} {v:.1f}/{model.get(k, 0):.1f}"
-                       for k, v in r["peak_mem_gb"].items())
+        model, peak = r.get("model_peak_gb", {}), r["peak_mem_gb"]
+        mem = " ".join(f"{peak.get(k, 0):.1f}/{model.get(k, 0):.1f}"
+                       for k in ("backbone", "superres", "decode"))
         lines.append(f"  {r['dtype']:<8} {r['minutes']:>5g} {r['batch']:>2} "
                      f"{r['residency']:<11} {r['path']:<11} {r['songs_per_minute']:9.2f} "
-                     f"{r['tokens_per_s_row']:9.1f} {r['warmup_s']:8.1f}  {mem:<38} "
+                     f"{r['tokens_per_s_row']:9.1f} {r['warmup_s']:8.1f}  {mem:<23} "
                      f"{r['tokens_equal_eager']}")
     return lines
 
