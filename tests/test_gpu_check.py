@@ -103,17 +103,8 @@ def _kill_session(sid: int) -> None:
 @pytest.mark.slow
 def test_a_run_killed_mid_step_keeps_every_result_written_before(tmp_path, work):
     out = tmp_path / "out"
-    proc = subprocess.Popen([str(SCRIPT), "--dry-run"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=env(out, work, BUDGET_S="100000",
-                                    STEPS="install,model,e2e_eager,render"))
+    proc = _start_and_wait_for_a_render(out, work, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            text = (out / "results.jsonl").read_text() if (out / "results.jsonl").exists() else ""
-            if '"step": "e2e run"' in text:
-                break
-            time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be killed mid-step"
     finally:
         _kill_session(proc.pid)
@@ -133,6 +124,40 @@ def test_a_run_killed_mid_step_keeps_every_result_written_before(tmp_path, work)
         in rebuilt.stdout
     assert "float32   0.01  1 keep_loaded eager" in rebuilt.stdout
     assert "proven decode paths on CUDA: none" in rebuilt.stdout
+
+
+def _start_and_wait_for_a_render(out: Path, work: Path, **popen) -> subprocess.Popen:
+    proc = subprocess.Popen([str(SCRIPT), "--dry-run"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, **popen,
+                            env=env(out, work, BUDGET_S="100000",
+                                    STEPS="install,model,e2e_eager,render"))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        text = (out / "results.jsonl").read_text() if (out / "results.jsonl").exists() else ""
+        if '"step": "e2e run"' in text:
+            break
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_step_in_flight_and_says_so(tmp_path, work):
+    out = tmp_path / "out"
+    proc = _start_and_wait_for_a_render(out, work)
+    assert proc.poll() is None, "the run ended before it could be stopped mid-step"
+    proc.send_signal(signal.SIGTERM)  # gpu-check alone: it must stop its step's processes
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    steps = steps_of(results(out))
+    assert steps["e2e_eager"]["status"] == "fail"
+    assert steps["e2e_eager"]["reason"] == "stopped by SIGTERM mid-way"
+    target = str((out / "results.jsonl").resolve())
+    left = []  # a bench left running would go on appending renders to the results
+    for p in psutil.process_iter(["cmdline"]):
+        if target in (p.info["cmdline"] or []):
+            left.append(p)
+            p.kill()
+    assert not left
+    assert "e2e_eager         fail" in (out / "summary.txt").read_text()
 
 
 def test_a_budget_too_small_for_a_step_skips_it_and_says_so(tmp_path, work):
