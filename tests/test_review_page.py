@@ -62,9 +62,11 @@ def synthetic(tmp_path_factory) -> Path:
     reports.mkdir()
     failed = {"job_id": "beta", "seed": 8, "status": "failed", "error": "RuntimeError: boom",
               "log": ".khala/logs/w0.log"}
-    (reports / "run-20260101T000000Z.json").write_text(json.dumps(
-        {"started_at": "2026-01-01T00:00:00Z", "summary": {"rendered": 5, "failed": 1},
-         "renders": [failed]}))
+    report = json.dumps({"started_at": "2026-01-01T00:00:00Z", "file":
+                         "run-20260101T000000Z.json", "summary": {"rendered": 5, "failed": 1},
+                         "renders": [failed]})
+    for name in ("run-20260101T000000Z.json", "latest.json"):  # as a run writes them
+        (reports / name).write_text(report)
     write_page(root)
     return root
 
@@ -222,3 +224,31 @@ def test_keep_toggles_survive_a_reload_and_give_the_exact_command(synthetic):
     assert res.exit_code == 0, res.output
     from khala_cli.keep import read_marks
     assert read_marks(synthetic) == [("alpha", 2), ("beta", 7)]
+
+
+def test_the_copied_keep_command_quotes_ids_taken_from_sidecars(tmp_path):
+    """Ids come from sidecars on disk, which anyone may have edited: the page quotes them (and
+    the folder) exactly as keep.keep_command does, and a shell reads back only those words."""
+    from selenium.webdriver.common.by import By
+
+    from khala_cli.keep import keep_command
+
+    root = tmp_path / "it's out"
+    _write(root, "gamma", 1, "clean", "end_of_song", -1.0)
+    side = root / "gamma" / "gamma-s1.json"
+    weird = "gamma; touch pwned $(touch pwned2) `touch pwned3` 'q' \"d\""
+    side.write_text(json.dumps(dict(json.loads(side.read_text()), job_id=weird)))
+    page = write_page(root)
+    with browser.chromium() as d:
+        _open(d, page)
+        d.execute_script("localStorage.clear()")
+        d.refresh()
+        d.find_element(By.CSS_SELECTOR, "li.take input.keep-box").click()
+        shown = d.find_element(By.ID, "keep-cmd").get_attribute("textContent")
+        assert browser.console_errors(d) == []
+    assert shown == keep_command(str(root), [(weird, 1)], [])
+    proc = subprocess.run(["bash", "-c", 'printf "%s\\0" ' + shown], cwd=tmp_path,
+                          capture_output=True, check=True)
+    assert proc.stdout.split(b"\0")[:-1] == [w.encode() for w in (
+        "khala", "keep", str(root), f"{weird}:1")]
+    assert not any((tmp_path / f).exists() for f in ("pwned", "pwned2", "pwned3"))
