@@ -198,3 +198,19 @@ def test_a_path_is_proven_when_equal_to_eager_on_every_run_and_faster_at_each():
     assert gpu_results.proven_paths(graphs)[0] == []  # no eager run to compare
     cpu = [{**r, "device_type": "cpu"} for r in eager + graphs]
     assert gpu_results.proven_paths(cpu) == ([], [])
+
+
+def test_the_wheel_folder_takes_the_locks_pins_for_the_images_python():
+    import gpu_wheels
+
+    pins = gpu_wheels.lock_versions()
+    lock = (ROOT / "requirements.lock").read_text()
+    # of several pins of a name, the one whose marker holds for CPython 3.12 on x86-64 Linux
+    newest = re.findall(r"^([\w.-]+)==(\S+) ; python_full_version >= '3\.1[12]' \\$", lock,
+                        re.M)
+    assert newest
+    assert all(pins[name.lower()] == version for name, version in newest)
+    windows = re.findall(r"^([\w.-]+)==\S+ ; sys_platform == 'win32' \\$", lock, re.M)
+    assert windows and not any(name.lower() in pins for name in windows)
+    for name in gpu_wheels.NEEDED:  # every wheel of the carry has a version to fetch
+        assert name in gpu_wheels.PINNED or name in pins, name
