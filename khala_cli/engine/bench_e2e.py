@@ -9,10 +9,11 @@ real). Random weights never emit end-of-song (engine/random_model.py arranges it
 exactly `minutes` long: 2584 backbone tokens a minute.
 
 It renders B=1 and B=8, keep_loaded and one_shot, on every decode path the device has
-(eager, compile; CUDA graphs on CUDA), and reports seconds per stage and for loading,
-backbone tokens/s per row and in all, the peak memory of each stage (CUDA: allocated; CPU:
-the process's resident set), songs per device-minute, and whether the backbone tokens equal
-eager's at the same batch size.
+(eager, compile; CUDA graphs on CUDA), batch size by batch size with eager first, and reports
+seconds per stage and for loading, backbone tokens/s per row and in all, the peak memory of
+each stage (CUDA: allocated; CPU: the process's resident set), songs per device-minute, and
+whether the backbone tokens equal eager's at the same batch size: eager's of this run, or
+those an earlier run saved in `eager_dir` (so a later run of one path needs no eager run).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 
@@ -138,14 +140,17 @@ def one_run(mdir: Path, device: str, dtype: str | None, batch: int, residency: s
 def run_e2e(*, device: str = "cpu", scale: float = 1.0, minutes: float = 3.0,
             dtypes: tuple[str | None, ...] = (None,), batches: tuple[int, ...] = (1, 8),
             residencies: tuple[str, ...] = ("keep_loaded", "one_shot"),
-            only_paths: tuple[str, ...] | None = None, log=None) -> dict[str, Any]:
+            only_paths: tuple[str, ...] | None = None, eager_dir: Path | None = None,
+            log=None) -> dict[str, Any]:
     dev = torch.device(device)
     mdir = model_dir(scale)
-    results, eager_codes = [], {}
+    results = []
+    eager = EagerCodes(eager_dir, f"{minutes:g}min-scale{scale:g}")
     default = "bfloat16" if dev.type == "cuda" else "float32"
+    name = str(dev if dev.type != "cuda" else torch.cuda.get_device_name(dev))
     for dtype in (d or default for d in dtypes):
-        for path in [p for p in paths(dev) if not only_paths or p in only_paths]:
-            for batch in batches:
+        for batch in batches:
+            for path in [p for p in paths(dev) if not only_paths or p in only_paths]:
                 # One short untimed render first: compilation, graph capture and first-use
                 # costs are reported as warmup_s, not mixed into the song's stages.
                 t = time.perf_counter()
@@ -153,15 +158,48 @@ def run_e2e(*, device: str = "cpu", scale: float = 1.0, minutes: float = 3.0,
                 warmup = round(time.perf_counter() - t, 2)
                 for residency in residencies:
                     row, codes = one_run(mdir, device, dtype, batch, residency, path, minutes)
-                    ref = eager_codes.setdefault((dtype, batch), codes)  # eager runs first
-                    row.update(dtype=dtype, warmup_s=warmup, tokens_equal_eager=all(
-                        bool((a == b).all()) for a, b in zip(codes, ref, strict=True)))
+                    row.update(dtype=dtype, minutes=minutes, device=name,
+                               device_type=dev.type, warmup_s=warmup,
+                               tokens_equal_eager=eager.compare(dtype, batch, path, codes))
                     results.append(row)
                     if log:
                         log(row)
     sh = shape(scale)
-    return {"device": str(dev if dev.type != "cuda" else torch.cuda.get_device_name(dev)),
+    return {"device": name,
             "shape": {**sh["sizes"], "vocab": list(REAL_VOCAB), **sh["codec"],
                       "scale": scale},
             "minutes": minutes, "dtypes": sorted({r["dtype"] for r in results}),
             "results": results}
+
+
+@dataclass
+class EagerCodes:
+    """Eager's backbone codes per (dtype, batch): the reference of every other run. Kept in
+    memory, and in `folder` when given (`tag` names the song length and model there)."""
+
+    folder: Path | None
+    tag: str
+    codes: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+
+    def _file(self, dtype: str, batch: int) -> Path | None:
+        return self.folder / f"eager-{dtype}-B{batch}-{self.tag}.npy" if self.folder else None
+
+    def compare(self, dtype: str, batch: int, path: str, codes: list) -> bool | None:
+        """Whether `codes` equal eager's; an eager run with no reference yet becomes it.
+        None when no eager run of this batch size has been seen."""
+        mine = np.stack(codes)
+        ref = self.codes.get((dtype, batch))
+        file = self._file(dtype, batch)
+        if ref is None and file is not None and file.exists():
+            ref = self.codes[dtype, batch] = np.load(file)
+        if ref is None:
+            if path != "eager":
+                return None
+            self.codes[dtype, batch] = ref = mine
+            if file is not None:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = file.with_name(f".{file.name}.tmp")
+                with tmp.open("wb") as f:
+                    np.save(f, mine)
+                tmp.replace(file)
+        return ref.shape == mine.shape and bool((ref == mine).all())
