@@ -50,12 +50,18 @@ def test_e2e_bench_renders_songs_of_the_exact_length_on_every_run(tmp_path, monk
     assert data["shape"]["vocab"] == [130432, 193792] and data["minutes"] == 0.02
     runs = {(r["batch"], r["residency"], r["path"]) for r in data["results"]}
     assert runs == {(b, res, "eager") for b in (1, 2) for res in ("keep_loaded", "one_shot")}
+    # the first keep_loaded run of each batch size is eager's reference; one_shot is compared
+    # with it, so its equality says something
+    refs = {(r["batch"], r["residency"]) for r in data["results"] if r["eager_reference"]}
+    assert refs == {(1, "keep_loaded"), (2, "keep_loaded")}
     for r in data["results"]:
         assert r["tokens_equal_eager"] is True
         assert r["backbone_s"] > 0 and r["superres_s"] > 0 and r["decode_s"] > 0
         assert set(r["peak_mem_gb"]) == set(r["model_peak_gb"]) == {"backbone", "superres", "decode"}
         assert r["songs_per_minute"] > 0
-        # random weights never end a song: every row decodes the whole length
+        # random weights never end a song: every row decodes the whole length, 2584 tokens a
+        # minute, and the aggregate rate counts every row's tokens
+        assert r["backbone_tokens"] == [round(2584 * 0.02)] * r["batch"]
         assert r["tokens_per_s_all"] == pytest.approx(r["batch"] * r["tokens_per_s_row"],
                                                       rel=1e-3)
     # the runner's memory model of each run (its terms: test_runner_devices): one_shot holds

@@ -130,8 +130,9 @@ def one_run(mdir: Path, device: str, dtype: str | None, batch: int, residency: s
            "decode_s": round(tm["decode_s"], 2), "load_s": round(tm["load_s"], 2),
            "wall_s": round(wall, 2),
            "tokens_per_s_row": round(takes[0].backbone_tokens / max(tm["backbone_s"], 1e-9), 1),
-           "tokens_per_s_all": round(batch * takes[0].backbone_tokens
+           "tokens_per_s_all": round(sum(t.backbone_tokens for t in takes)
                                      / max(tm["backbone_s"], 1e-9), 1),
+           "backbone_tokens": [t.backbone_tokens for t in takes],
            "peak_mem_gb": {k: round(v, 2) for k, v in peaks.peaks.items()},
            "songs_per_minute": round(batch * 60.0 / wall, 3)}
     return row, [t.codes[:2] for t in takes]
@@ -158,9 +159,11 @@ def run_e2e(*, device: str = "cpu", scale: float = 1.0, minutes: float = 3.0,
                 warmup = round(time.perf_counter() - t, 2)
                 for residency in residencies:
                     row, codes = one_run(mdir, device, dtype, batch, residency, path, minutes)
+                    first = path == "eager" and not eager.has(dtype, batch)
                     row.update(dtype=dtype, minutes=minutes, device=name,
                                device_type=dev.type, warmup_s=warmup,
-                               tokens_equal_eager=eager.compare(dtype, batch, path, codes))
+                               tokens_equal_eager=eager.compare(dtype, batch, path, codes),
+                               eager_reference=first)
                     results.append(row)
                     if log:
                         log(row)
@@ -183,6 +186,11 @@ class EagerCodes:
 
     def _file(self, dtype: str, batch: int) -> Path | None:
         return self.folder / f"eager-{dtype}-B{batch}-{self.tag}.npy" if self.folder else None
+
+    def has(self, dtype: str, batch: int) -> bool:
+        """Whether a reference for (dtype, batch) exists, in memory or in the folder."""
+        file = self._file(dtype, batch)
+        return (dtype, batch) in self.codes or (file is not None and file.exists())
 
     def compare(self, dtype: str, batch: int, path: str, codes: list) -> bool | None:
         """Whether `codes` equal eager's; an eager run with no reference yet becomes it.
