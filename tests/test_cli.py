@@ -209,6 +209,15 @@ def test_shards_of_one_array_run_together_and_nothing_else_beside_them(tmp_path)
     assert not any(n.startswith(("latest-shard-0-of-4", "latest-shard-0-of-2")) for n in reports)
 
 
+def test_analyse_on_a_read_only_output_directory_exits_74_naming_it(small_fs):
+    fs = small_fs(1)
+    (fs / ".khala").mkdir()
+    small_fs.read_only(fs)
+    r = invoke("analyse", fs)  # it cannot take the lock there
+    assert r.exit_code == 74, r.output
+    assert "Read-only file system" in r.output and str(fs) in r.output
+
+
 def _other_host() -> None:
     if subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs unshare --uts (root) to run a process with another host name")

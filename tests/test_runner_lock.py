@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from processes import wait_for
 
-from khala_cli.runner.lock import STALE_AFTER_S, LockHeld, RunLock
+from khala_cli.runner.lock import STALE_AFTER_S, LockHeld, RunLock, read_holder
 
 
 def _dead_pid() -> int:
@@ -200,6 +200,19 @@ def test_racing_runs_on_a_stale_lock_exactly_one_wins(tmp_path, stale):
         codes = [p.wait(timeout=60) for p in procs]
     assert sorted(first) == ["GOT", "HELD", "HELD", "HELD"]
     assert sorted(codes) == [0, 75, 75, 75]
+
+
+def test_a_takeover_that_lost_the_race_puts_the_winners_lock_back(tmp_path):
+    # Without flock, two runs may both read the stale lock; the one that moves it second
+    # moves the winner's fresh lock instead, sees that, and puts it back.
+    stale = _write_lock(tmp_path, pid=_dead_pid(), host=socket.gethostname())
+    seen = read_holder(stale)
+    late = RunLock(tmp_path)
+    late.dir.mkdir(exist_ok=True)
+    with RunLock(tmp_path) as winner:
+        assert late._take_over(winner.path, seen) is False
+        assert json.loads(winner.path.read_text())["token"] == winner.token
+        assert sorted(p.name for p in winner.dir.iterdir()) == ["lock", "lock.guard"]
 
 
 # -- shards: the shards of one array together; nothing else beside them ------------------------

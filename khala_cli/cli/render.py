@@ -166,12 +166,8 @@ def _make_output_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise Failure(_write_code(exc), f"error: cannot create the output directory {path}: "
+        raise Failure(steps.write_code(exc), f"error: cannot create the output directory {path}: "
                       f"{exc.strerror or exc}") from None
-
-
-def _write_code(exc: OSError) -> int:
-    return exit_codes.NO_SPACE if exc.errno in outputs.NO_SPACE_ERRNOS else exit_codes.MODEL
 
 
 @contextlib.contextmanager
@@ -180,7 +176,7 @@ def _writable(out_dir: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise Failure(_write_code(exc), f"error: cannot write in {out_dir}: "
+        raise Failure(steps.write_code(exc), f"error: cannot write in {out_dir}: "
                       f"{exc.strerror or exc} ({exc.filename or out_dir})") from None
 
 

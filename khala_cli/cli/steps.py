@@ -139,6 +139,11 @@ def _one_build(m: mf.Manifest, convert: bool,
         yield
 
 
+def write_code(exc: OSError) -> int:
+    """The exit code of a failed write: 74 for a full or read-only disk, else 3."""
+    return exit_codes.NO_SPACE if exc.errno in outputs.NO_SPACE_ERRNOS else exit_codes.MODEL
+
+
 @contextlib.contextmanager
 def locked(output_dir: Path, *, purpose: str, shard: tuple[int, int] | None = None,
            on_lost: Callable[[], None] | None = None) -> Iterator[None]:
@@ -150,6 +155,9 @@ def locked(output_dir: Path, *, purpose: str, shard: tuple[int, int] | None = No
                                         on_lost=on_lost))
         except LockHeld as exc:
             raise Failure(exit_codes.LOCKED, f"error: {exc}") from None
+        except OSError as exc:
+            raise Failure(write_code(exc), f"error: cannot take the lock in {output_dir}: "
+                          f"{exc.strerror or exc} ({exc.filename or output_dir})") from None
         yield
 
 
