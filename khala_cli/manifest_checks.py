@@ -169,6 +169,14 @@ def text(at: At, v: Any, allow_empty: bool = True) -> str | None:
     return v
 
 
+def boolean(at: At, v: Any) -> bool | None:
+    """true or false (YAML's own booleans; no "yes" strings)."""
+    if isinstance(v, bool):
+        return v
+    at.error(f"expected true or false, got {type_name(v)}")
+    return None
+
+
 def choice(at: At, v: Any, choices: tuple[str, ...]) -> str | None:
     if isinstance(v, str) and v in choices:
         return v

@@ -463,7 +463,7 @@ def write_raw_download(root: Path, *, tokenizer_json: Path | None = None, codec:
     for i, (name, vocab) in enumerate(vocabs.items()):
         rows = vocab + vocab_padding  # Megatron pads the vocabulary
         overrides = (backbone_args if name == "backbone" else superres_args) or {}
-        args = megatron_args(vocab, **overrides)
+        args = megatron_args(vocab, **{"padded_vocab_size": rows, **overrides})
         tensors = megatron_model_tensors(args, rows, seed=seed + 10 * i, stacked=stacked)
         stored = fuse_fc1(tensors) if fused_fc1 else tensors
         write_megatron_checkpoint(root / "checkpoints" / name, args, stored,

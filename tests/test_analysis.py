@@ -15,21 +15,50 @@ from khala_cli import analysis
 from khala_cli.cli import _register, cli
 
 SR = 44100
+# BS.1770-4's K-weighting as the standard prints it, for 48 kHz (Tables 1 and 2): the
+# high-frequency shelf, then the RLB high-pass. pyloudnorm designs its filters from their
+# parameters instead, so these are an independent reading of the same curve.
+K_SHELF = ([1.53512485958697, -2.69169618940638, 1.19839281085285],
+           [1.0, -1.69065929318241, 0.73248077421585])
+K_HIGHPASS = ([1.0, -2.0, 1.0], [1.0, -1.99004745483398, 0.99007225036621])
 
 
-def sine(freq: float, peak_dbfs: float, seconds: float, channels: int = 2) -> np.ndarray:
-    t = np.arange(int(SR * seconds)) / SR
+def sine(freq: float, peak_dbfs: float, seconds: float, channels: int = 2,
+         sr: int = SR) -> np.ndarray:
+    t = np.arange(int(sr * seconds)) / sr
     x = (10 ** (peak_dbfs / 20)) * np.sin(2 * np.pi * freq * t)
     return np.repeat(x[:, None], channels, axis=1).astype(np.float32)
 
 
-def test_sine_loudness_matches_the_standard():
-    # BS.1770: a 997 Hz sine at 0 dBFS peak in one channel reads -3.01 LUFS; the K-weighting
-    # gain at 997 Hz is ~0; a second identical channel adds 10*log10(2) = +3.01 LU.
+def k_weighting_db(freq: float) -> float:
+    """The gain of the standard's K-weighting at `freq`, in dB."""
+    z = np.exp(-2j * np.pi * freq / 48000 * np.arange(3))
+    gain = 1.0
+    for b, a in (K_SHELF, K_HIGHPASS):
+        gain *= abs(np.dot(b, z) / np.dot(a, z))
+    return 20 * math.log10(gain)
+
+
+def sine_lufs(freq: float, peak_dbfs: float, channels: int) -> float:
+    """BS.1770 loudness of a steady sine: -0.691 + 10 log10 of the weighted mean squares."""
+    return (-0.691 + peak_dbfs - 10 * math.log10(2) + k_weighting_db(freq)
+            + 10 * math.log10(channels))
+
+
+def test_k_weighting_is_the_curve_the_standard_describes():
+    # ~0 dB near 1 kHz (the -0.691 offset cancels it), about +4 dB above 2 kHz, a steep cut
+    # below 100 Hz: a check on the reading above, before it checks the code.
+    assert k_weighting_db(997) == pytest.approx(0.691, abs=0.01)
+    assert 3.4 < k_weighting_db(4000) < 4.2
+    assert k_weighting_db(40) < -0.5
+
+
+@pytest.mark.parametrize("freq", [40.0, 997.0, 4000.0])
+def test_sine_loudness_matches_the_standard(freq):
+    # a missing or wrong K-weighting moves the 40 Hz or 4 kHz reading by over 0.5 LU
     for peak, channels in ((-20.0, 1), (-20.0, 2), (-6.0, 2)):
-        want = peak - 3.01 + 10 * math.log10(channels)
-        got = analysis.loudness_lufs(sine(997, peak, 5.0, channels), SR)
-        assert got == pytest.approx(want, abs=0.5), (peak, channels)
+        got = analysis.loudness_lufs(sine(freq, peak, 5.0, channels, sr=48000), 48000)
+        assert got == pytest.approx(sine_lufs(freq, peak, channels), abs=0.05), (peak, channels)
 
 
 def test_true_peak_sees_intersample_peaks():
@@ -129,8 +158,7 @@ def test_analyse_fills_old_sidecars_without_touching_the_rest(tmp_path):
     ta, tb = (json.loads(p.read_text())["analysis"] for p in (a, b))
     assert ta["ended"] == "end_of_song" and ta["flags"] == []
     assert tb["ended"] == "token_cap" and {"clipping", "cut_at_cap"} <= set(tb["flags"])
-    # stereo 440 Hz at -10 dBFS peak: -10 - 3.01 + 3.01 - 0.69 (K-weighting at 440 Hz ~ 0)
-    assert ta["lufs"] == pytest.approx(-10.7, abs=0.5)
+    assert ta["lufs"] == pytest.approx(sine_lufs(440, -10, 2), abs=0.05)
     assert (tmp_path / "reports" / "index.html").exists()
     # a second run has nothing to do
     mtime = a.stat().st_mtime_ns
@@ -141,11 +169,22 @@ def test_analyse_fills_old_sidecars_without_touching_the_rest(tmp_path):
 def test_analyse_uses_saved_codes(tmp_path):
     _register()
     p = _old_take(tmp_path, "loop", 3, sine(440, -10, 3.0), tokens=100, cap=200)
-    codes = np.tile(np.arange(20, dtype=np.int16), (64, 10))  # q0 repeats every 20 frames
-    np.save(p.parent / "loop-s3.codes.npy", codes)
+    other = _old_take(tmp_path, "other", 4, sine(440, -10, 3.0), tokens=100, cap=200)
+    rng = np.random.default_rng(0)
+    loop = np.tile(np.arange(20, dtype=np.int16), 10)  # repeats every 20 frames
+    noise = rng.integers(0, 1024, size=(64, 200)).astype(np.int16)
+    q0_loops = noise.copy()
+    q0_loops[0] = loop  # only q0 repeats: the rows and columns around it do not
+    rest_loops = np.tile(loop, (64, 1))
+    rest_loops[0] = noise[0]  # every row repeats but q0
+    np.save(p.parent / "loop-s3.codes.npy", q0_loops)
+    np.save(other.parent / "other-s4.codes.npy", rest_loops)
     assert CliRunner().invoke(cli, ["analyse", str(tmp_path)]).exit_code == 0
     m = json.loads(p.read_text())["analysis"]
     assert m["measured_from"] == "wav+codes" and m["repetition"] > 0.8 and "looping" in m["flags"]
+    m = json.loads(other.read_text())["analysis"]
+    assert m["measured_from"] == "wav+codes" and m["repetition"] < 0.1
+    assert "looping" not in m["flags"]
 
 
 def test_analyse_and_report_refuse_a_folder_that_is_not_an_output_dir(tmp_path):

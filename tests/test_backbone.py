@@ -304,10 +304,15 @@ def test_rows_that_emit_end_of_song_say_so():
 def test_compiled_decode_on_cpu_matches_eager(temperature, seeds):
     """torch.compile (inductor's C++ backend on the CPU) draws the very same tokens, with the
     same log-probabilities, greedy and sampled, alone and in a batch."""
+    from torch._dynamo.utils import counters
+
     model = make_model(3)
     kw = {"top_k": 5, "temperature": temperature, "max_new_tokens": 40, "with_logprobs": True}
     eager, eager_lp = backbone.decode_tokens(model, LAYOUT, PROMPT, seeds, **kw)
+    torch._dynamo.reset()
+    counters.clear()  # reset() leaves the counters of earlier tests
     comp, comp_lp = backbone.decode_tokens(model, LAYOUT, PROMPT, seeds, compile=True, **kw)
+    assert counters["stats"]["unique_graphs"] > 0  # it compiled: not eager under another name
     assert np.array_equal(comp, eager)
     np.testing.assert_allclose(comp_lp, eager_lp, atol=1e-5)
 
@@ -319,6 +324,7 @@ def test_compiled_decode_compiles_once_per_batch_size_whatever_the_song():
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()  # reset() leaves the counters of earlier tests
     model = make_model(3)
     kw = {"top_k": 5, "temperature": 0.9, "compile": True, "stop_at_end": False}
     backbone.decode_tokens(model, LAYOUT, PROMPT, [1], max_new_tokens=20, **kw)

@@ -22,17 +22,18 @@ from khala_cli.runner.devices import discover_gpus
 from khala_cli.weights import doctor
 from khala_cli.weights.convert import CONVERT_ERRORS, RichProgress, convert
 from khala_cli.weights.doctor import DevicePlan
-from khala_cli.weights.resolve import is_raw_download
+from khala_cli.weights.resolve import KHALA_MAC
 
 
 @cli.command("convert")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("dst", required=False, type=click.Path(path_type=Path))
 @click.option("--iteration", metavar="N|backbone=N,superres=M",
-              help="Checkpoint iteration to convert (default: the latest of each, from "
-                   "latest_checkpointed_iteration.txt).")
+              help="Megatron checkpoint iteration to convert (default: the latest of each, "
+                   "from latest_checkpointed_iteration.txt).")
 @click.option("--tokenizer", type=click.Path(exists=True, path_type=Path),
-              help="tokenizer.json, or the folder holding it (default: SRC/models/Tokenizer/).")
+              help="tokenizer.json, or the folder holding it (default: SRC/models/Tokenizer/, "
+                   "or a Khala checkout's models/Tokenizer/ beside SRC).")
 @click.option("--name", help="Model name recorded in model.json (default: DST's name).")
 @click.option("--trust-checkpoint", is_flag=True,
               help="Unpickle the checkpoints without khala's allow-list. Only for files you "
@@ -42,10 +43,14 @@ def convert_cmd(src: Path, dst: Path | None, iteration: str | None, tokenizer: P
                 name: str | None, trust_checkpoint: bool, quiet: bool) -> None:
     """Convert the Khala download at SRC into a model directory DST (default: SRC-khala).
 
-    SRC holds checkpoints/backbone/ and checkpoints/superresolution/ (Megatron torch_dist),
-    checkpoints/dac_rvq_*.ckpt (Lightning) and models/Tokenizer/tokenizer.json. Only the
-    model weights are read (never the optimizer state); DST appears only when complete.
-    Needs megatron-core (pip install 'khala-cli[convert]').
+    SRC is either download. The official one holds checkpoints/backbone/ and
+    checkpoints/superresolution/ (Megatron torch_dist), checkpoints/dac_rvq_*.ckpt
+    (Lightning) and models/Tokenizer/tokenizer.json; it needs megatron-core
+    (pip install 'khala-cli[convert]'), and only the model weights are read, never the
+    optimizer state. The Khala-mac one holds khala_backbone.safetensors,
+    khala_superres.safetensors, decoder_weights.pt, backbone_megatron_args.json,
+    superres_megatron_args.json and decoder_config.yaml, and no tokenizer (pass --tokenizer
+    when it is not beside it). DST appears only when complete.
     """
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
@@ -59,7 +64,8 @@ def convert_cmd(src: Path, dst: Path | None, iteration: str | None, tokenizer: P
     except CONVERT_ERRORS as exc:
         raise Failure(exit_codes.MODEL, f"error: {exc}", "nothing was written.") from None
     info = report.info
-    its = ", ".join(f"{k} iter {v}" for k, v in report.iterations.items())
+    its = ("Khala-mac download" if report.layout == KHALA_MAC
+           else ", ".join(f"{k} iter {v}" for k, v in report.iterations.items()))
     click.echo(f"converted {report.model_dir} ({its}) in {report.seconds:.0f} s")
     click.echo(f"fingerprint {info.fingerprint}")
     click.echo(f"use it with `model: {report.model_dir}` in a manifest, "
@@ -99,8 +105,7 @@ def doctor_cmd(model: Path | None, output_dir: Path, as_json: bool) -> None:
     """
     findings = doctor.diagnose(
         model, output_dir, find_ffmpeg=ffmpeg_exe, gpus_seen=len(discover_gpus()),
-        planner=_planner(), decode=dv.default_decode_path, is_raw_download=is_raw_download,
-        take_bytes=bytes_per_take(3),
+        planner=_planner(), decode=dv.default_decode_path, take_bytes=bytes_per_take(3),
     )
     code = doctor.exit_code(findings)
     if as_json:

@@ -48,7 +48,9 @@ class RenderOptions:
         None, "--output-dir", type=click.Path(file_okay=False, path_type=Path),
         help="Output directory instead of the manifest's `output_dir:`.")
     force: bool = _option(False, "--force", is_flag=True, report=True,
-                          help="Re-render renders that are already done.")
+                          help="Re-render renders that are already done, and kept takes whose "
+                          "settings or model changed (old versions move to "
+                          ".khala/superseded/).")
     only: tuple[str, ...] = _option(
         (), "--only", multiple=True, metavar="JOB_ID", report=True,
         help="Only these jobs (repeatable, or comma-separated).")
@@ -82,9 +84,10 @@ class RenderOptions:
         60.0, "--grace", type=click.FloatRange(min=0.0), show_default=True, metavar="SECONDS",
         report=True, help="After the first Ctrl-C / SIGTERM, how long running renders may "
         "take to finish before their workers are stopped.")
-    save_codes: bool = _option(False, "--save-codes", is_flag=True, report=True,
-                               help="Also keep each take's RVQ codes as <stem>.codes.npy "
-                               "(int16).")
+    save_codes: bool | None = _option(
+        None, "--save-codes/--no-save-codes", report=True, help="Keep each take's RVQ codes "
+        "as <stem>.codes.npy (int16), or not (default: the manifest's `save_codes`, true "
+        "unless it says false). Changes no render key: no take is rendered again for it.")
     max_renders: int = _option(
         MAX_RENDERS, "--max-renders", type=click.IntRange(min=1), show_default=True,
         help="Refuse manifests with more renders (jobs x seeds) than this.")
@@ -123,7 +126,8 @@ def render(manifest: Path, **given: Any) -> None:
     """Render every job x seed of MANIFEST that is not done yet.
 
     Resumes where the last run stopped: a take whose sidecar carries the same render key is
-    skipped; a changed setting or model re-renders it. Writes
+    skipped; a changed setting or model re-renders it, unless it is kept (`khala keep`).
+    Replaced files move to <output_dir>/.khala/superseded/. Writes
     <output_dir>/<job>/<job>-s<seed>.wav|.mp3|.json and a run report under
     <output_dir>/reports/.
     """
@@ -138,6 +142,7 @@ def run(manifest: Path, o: RenderOptions) -> int:
     shard = steps.shard(o.shard)
     only = steps.only(m, o.only)
     n_devices = len(steps.devices(o.devices, o.decode_path))
+    steps.codec_stack()
     model_dir, info = steps.model(m, convert=o.convert,
                                   announce=None if o.quiet else _echo_err)
     steps.ffmpeg()
@@ -195,6 +200,8 @@ def _execute(m: Manifest, p: Plan, o: RenderOptions, model_dir: Path, n_devices:
              f"~{p.minutes():.1f} audio minutes; output {m.output_dir}"
              + (f"; shard {shard[0]}/{shard[1]}" if shard else ""))
     _warn_disk(m.output_dir, p)
+    if note := steps.kept_note(p, m.output_dir):
+        steps.warn(note)
     _warn_faults(o)
     if not p.to_run:
         log.line("nothing to render: every planned render is already done"

@@ -9,6 +9,7 @@ import click
 
 from khala_cli import exit_codes
 from khala_cli.cli import Failure, cli, steps
+from khala_cli.outputs import SUPERSEDED, superseded_usage
 from khala_cli.review import write_page
 from khala_cli.takes import NotAnOutputDir, backfill, check_output_dir, read_takes
 from khala_cli.verify import set_aside, verify
@@ -71,10 +72,14 @@ def report_cmd(output_dir: Path) -> None:
 
     Built from the files on disk (every sidecar, run report and shard report), so it can be
     rebuilt at any time. The page is self-contained and uses relative links: copy the whole
-    output directory and it still plays.
+    output directory and it still plays. Then says how many replaced versions of takes are
+    kept under OUTPUT_DIR/.khala/superseded/ and the space they take.
     """
-    path = write_page(_output_dir(output_dir))
-    click.echo(str(path))
+    root = _output_dir(output_dir)
+    click.echo(str(write_page(root)))
+    versions, size = superseded_usage(root)
+    click.echo(f"superseded: {versions} replaced take version{'s' if versions != 1 else ''}, "
+               f"{size / 1e6:,.1f} MB, under {root / SUPERSEDED}")
 
 
 @cli.command("verify")

@@ -13,16 +13,18 @@ import click
 from khala_cli import exit_codes, outputs
 from khala_cli import manifest as mf
 from khala_cli.cli import Failure
+from khala_cli.keep import read_marks
 from khala_cli.manifest_checks import closest
 from khala_cli.plan import Plan, build_renders, make_plan, parse_shard
 from khala_cli.runner.devices import DeviceError, check_decode_path, parse_devices
 from khala_cli.runner.lock import LockHeld, RunLock, flocked
+from khala_cli.weights import stack
 from khala_cli.weights.resolve import (
     MODEL_JSON,
     ModelError,
     default_destination,
     demo_dir,
-    is_raw_download,
+    find_download,
     read_info,
     resolve_model,
 )
@@ -112,7 +114,7 @@ def _build_target(m: mf.Manifest, convert: bool) -> Path | None:
         target = demo_dir()
     else:
         path = (m.model_base / m.model).expanduser().resolve()
-        if not convert or (path / MODEL_JSON).exists() or not is_raw_download(path):
+        if not convert or (path / MODEL_JSON).exists() or find_download(path) is None:
             return None
         target = default_destination(path)
     return None if (target / MODEL_JSON).exists() else target
@@ -176,7 +178,37 @@ def ffmpeg() -> None:
         raise Failure(exit_codes.MODEL, f"error: {problem}")
 
 
+def codec_stack() -> None:
+    """torch, torchaudio and the codec import as a set, checked before any child needs them."""
+    problem = stack.check()
+    if problem is not None:
+        raise Failure(exit_codes.MODEL, f"error: {problem.message}", f"  fix: {problem.fix}")
+
+
 def plan(m: mf.Manifest, info: Any, *, force: bool, only: tuple[str, ...],
-         shard: tuple[int, int] | None, save_codes: bool) -> Plan:
-    renders = build_renders(m, info.fingerprint, save_codes=save_codes)
-    return make_plan(renders, is_done=outputs.is_done, force=force, only=only, shard=shard)
+         shard: tuple[int, int] | None, save_codes: bool | None) -> Plan:
+    """The plan of a run; `save_codes` None: the manifest's `save_codes` (default true). The
+    keepers of the output directory are never re-rendered for a changed setting without
+    `force`."""
+    codes = m.save_codes if save_codes is None else save_codes
+    renders = build_renders(m, info.fingerprint, save_codes=codes)
+    return make_plan(renders, is_done=outputs.is_done, force=force, only=only, shard=shard,
+                     kept=read_marks(m.output_dir))
+
+
+KEPT_SHOWN = 20  # keepers named in the note; the rest are counted
+
+
+def kept_note(p: Plan, output_dir: Path) -> str | None:
+    """The line that names the keepers this run leaves alone although their settings or model
+    changed, and what to do about them; None when there are none."""
+    if not p.kept:
+        return None
+    ids = [f"{it.render.job_id}:{it.render.seed}" for it in p.kept]
+    shown = ", ".join(ids[:KEPT_SHOWN]) + (f" and {len(ids) - KEPT_SHOWN} more"
+                                           if len(ids) > KEPT_SHOWN else "")
+    return (f"kept: not re-rendered: {len(ids)} kept take{'s' if len(ids) != 1 else ''} "
+            f"whose settings or model changed ({shown}). Drop them with `khala keep "
+            f"{output_dir} --drop JOB:SEED` to let them re-render, or pass --force to "
+            "re-render them anyway (the old versions move to "
+            f"{output_dir / outputs.SUPERSEDED}/)")

@@ -151,42 +151,15 @@ def decode_tokens(
     try:
         st = _Decoder(model, layout, seed_tensor(seeds, device), top_k, temperature,
                       max_new if eager else cap)
-        # Prefill once (row 0) and copy the prompt's keys/values to every row: the same
-        # numbers whatever the batch size.
-        prompt = torch.tensor([prompt_ids], dtype=torch.int64, device=device)
-        h = model.decode_hidden(prompt, torch.arange(p, device=device), p, masked=False)
-        model.copy_cache_row(0, p)
-        st.pos.fill_(p - 1)  # `sample` advances it to p, where token 0 goes in
-        st.sample(h[:, -1].expand(b, -1), 0)
-
-        step = st.step_fn
-        if compile:
-            # kv_len becomes a dynamic size after its first change: a few compiles, not one
-            # per bucket. The batch stays static: a graph generic in the batch size ran ~10x
-            # slower than eager on the CPU; each batch size gets its own.
-            for t in (st.tok, st.tokens, st.logp, st.keys,
-                      *(x for layer in model.layers for x in (layer.attn.cache.k, layer.attn.cache.v))):
-                torch._dynamo.mark_static(t, 0)
-            step = torch.compile(step)
-        if graphs:
-            step = _GraphRunner(step, st)
-
-        eos = layout.end_of_song_id
+        _prefill(model, st, prompt_ids, b)
+        step = _step_runner(model, st, compile=compile, graphs=graphs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # once, so the rate leaves the prefill out
         t0 = time.perf_counter()
-        done_steps = max_new
-        for t in range(1, max_new):
-            if eager:
-                step(t % 2, p + t, False)
-            else:
-                step(t % 2, _kv_len(p + t, KV_BUCKET, cache_len))
-            if (t + 1) % check_every == 0:
-                if stop_at_end and bool((st.tokens[:, 0 : t + 1 : 2] == eos).any(dim=1).all()):
-                    done_steps = t + 1
-                    break
-                if progress is not None:
-                    progress(t + 1, t / max(time.perf_counter() - t0, 1e-9))
+        done_steps = _decode_steps(step, st, layout.end_of_song_id, eager=eager, p=p,
+                                   max_new=max_new, cache_len=cache_len,
+                                   stop_at_end=stop_at_end, check_every=check_every,
+                                   progress=progress, t0=t0)
         tokens = st.tokens[:, :done_steps].cpu().numpy()
         logprobs = st.logp[:, :done_steps].cpu().numpy()
         elapsed = time.perf_counter() - t0
@@ -195,6 +168,52 @@ def decode_tokens(
     if progress is not None:
         progress(done_steps, (done_steps - 1) / elapsed if done_steps > 1 else 0.0)
     return (tokens, logprobs) if with_logprobs else tokens
+
+
+def _prefill(model: Transformer, st: _Decoder, prompt_ids: list[int], b: int) -> None:
+    """Prefill once (row 0), copy the prompt's keys/values to every row, sample token 0: the
+    same numbers whatever the batch size."""
+    p = len(prompt_ids)
+    device = model.embed.weight.device
+    prompt = torch.tensor([prompt_ids], dtype=torch.int64, device=device)
+    h = model.decode_hidden(prompt, torch.arange(p, device=device), p, masked=False)
+    model.copy_cache_row(0, p)
+    st.pos.fill_(p - 1)  # `sample` advances it to p, where token 0 goes in
+    st.sample(h[:, -1].expand(b, -1), 0)
+
+
+def _step_runner(model: Transformer, st: _Decoder, *, compile: bool, graphs: bool) -> Callable:
+    """The decode step as the chosen path runs it: eager, compiled or replayed as graphs."""
+    step = st.step_fn
+    if compile:
+        # kv_len becomes a dynamic size after its first change: a few compiles, not one
+        # per bucket. The batch stays static: a graph generic in the batch size ran ~10x
+        # slower than eager on the CPU; each batch size gets its own.
+        for t in (st.tok, st.tokens, st.logp, st.keys,
+                  *(x for layer in model.layers for x in (layer.attn.cache.k, layer.attn.cache.v))):
+            torch._dynamo.mark_static(t, 0)
+        step = torch.compile(step)
+    if graphs:
+        step = _GraphRunner(step, st)
+    return step
+
+
+def _decode_steps(step: Callable, st: _Decoder, eos: int, *, eager: bool, p: int, max_new: int,
+                  cache_len: int, stop_at_end: bool, check_every: int,
+                  progress: Callable[[int, float], None] | None, t0: float) -> int:
+    """Steps 1.. until every row has ended (checked every `check_every`) or max_new; how many
+    steps of tokens there are."""
+    for t in range(1, max_new):
+        if eager:
+            step(t % 2, p + t, False)
+        else:
+            step(t % 2, _kv_len(p + t, KV_BUCKET, cache_len))
+        if (t + 1) % check_every == 0:
+            if stop_at_end and bool((st.tokens[:, 0 : t + 1 : 2] == eos).any(dim=1).all()):
+                return t + 1
+            if progress is not None:
+                progress(t + 1, t / max(time.perf_counter() - t0, 1e-9))
+    return max_new
 
 
 def _kept(layout: TokenLayout, row: np.ndarray, stop_at_end: bool = True) -> tuple[int, bool]:

@@ -5,7 +5,7 @@ The model: hidden 2048, 24 layers, 32 heads, 8 KV groups, head_dim 64, ffn 5632,
 vocab sizes (130432 backbone rows, 193792 super-res rows) and the real codec (latent 128,
 192 filters, rates 8-8-8-4, stereo), built once under `checkpoints/bench-e2e-<scale>/`.
 `scale` < 1 shrinks the widths, the layer count and the codec for a CPU (the vocab sizes stay
-real). Random weights never emit end-of-song (weights/demo.py arranges it), so every song is
+real). Random weights never emit end-of-song (engine/random_model.py arranges it), so every song is
 exactly `minutes` long: 2584 backbone tokens a minute.
 
 It renders B=1 and B=8, keep_loaded and one_shot, on every decode path the device has
@@ -28,8 +28,8 @@ import torch
 
 from khala_cli.engine.config import CodecConfig, decode_options
 from khala_cli.engine.pipeline import Pipeline, Request
+from khala_cli.engine.random_model import build_random_model, tiny_codec_config
 from khala_cli.model_numbers import TOKENS_PER_MINUTE
-from khala_cli.weights.demo import _codec_config, build_random_model
 
 REAL_SIZES = {"hidden_size": 2048, "num_layers": 24, "num_heads": 32, "num_kv_heads": 8,
               "head_dim": 64, "ffn_hidden_size": 5632}
@@ -55,7 +55,7 @@ def shape(scale: float) -> dict[str, Any]:
 def model_dir(scale: float, root: Path = Path("checkpoints")) -> Path:
     """The bench model of this scale, built on first use (random, untrained: noise)."""
     sh = shape(scale)
-    base = _codec_config()
+    base = tiny_codec_config()
     codec = CodecConfig(**{**asdict(base), **sh["codec"], "rates": (8, 8, 8, 4)})
     name = f"bench-e2e-{scale:g}"
     return build_random_model(

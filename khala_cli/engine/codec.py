@@ -195,9 +195,15 @@ class Codec(nn.Module):
         samples = frames * hop. Windows of equal length, from all songs, are decoded together
         (up to `window_batch` per forward; by default as many as memory allows).
         """
+        lat, windows = self._plan(items)
+        decoded = self._decode_windows(lat, windows, progress, window_batch)
+        return [self._stitched([w for w in windows if w.item == i], decoded)
+                for i in range(len(items))]
+
+    def _plan(self, items: Sequence[np.ndarray | torch.Tensor]) -> tuple[list[torch.Tensor], list[Window]]:
+        """Per song its latents [latent_dim, frames], and every song's windows."""
         cfg = self.config
-        lat = []
-        windows: list[Window] = []
+        lat, windows = [], []
         for i, codes in enumerate(items):
             codes = torch.as_tensor(np.asarray(codes) if not torch.is_tensor(codes) else codes)
             if codes.dim() != 2:
@@ -206,6 +212,12 @@ class Codec(nn.Module):
             windows += [
                 Window(i, s, n) for s, n in plan_windows(codes.shape[1], cfg.window_frames, cfg.overlap_frames)
             ]
+        return lat, windows
+
+    def _decode_windows(self, lat: list[torch.Tensor], windows: list[Window],
+                        progress: DecodeProgress | None, window_batch: int | None,
+                        ) -> dict[Window, torch.Tensor]:
+        """Each window's waveform [channels, samples]; windows of equal length go together."""
         decoded: dict[Window, torch.Tensor] = {}
         total = len(windows)
         if progress:
@@ -213,7 +225,6 @@ class Codec(nn.Module):
         by_len: dict[int, list[Window]] = {}
         for w in windows:
             by_len.setdefault(w.frames, []).append(w)
-        done = 0
         for frames, group in sorted(by_len.items(), reverse=True):
             step = window_batch or self.window_batch_size(frames)
             b = 0
@@ -229,22 +240,17 @@ class Codec(nn.Module):
                     step = max(1, step // 2)  # the memory estimate was optimistic
                     torch.cuda.empty_cache()
                     continue
-                for w, y in zip(part, wav, strict=True):
-                    decoded[w] = y
+                decoded.update(zip(part, wav, strict=True))
                 b += len(part)
-                done += len(part)
                 if progress:
-                    progress(done, total)
-        out = []
-        for i in range(len(items)):
-            mine = [w for w in windows if w.item == i]
-            if not mine:
-                out.append(np.zeros((0, cfg.channels), dtype=np.float32))
-                continue
-            wave = stitch(
-                [decoded[w] for w in mine],
-                [w.frames for w in mine],
-                effective_overlap(cfg.window_frames, cfg.overlap_frames),
-            )
-            out.append(np.ascontiguousarray(wave.numpy().T, dtype=np.float32))
-        return out
+                    progress(len(decoded), total)
+        return decoded
+
+    def _stitched(self, mine: list[Window], decoded: dict[Window, torch.Tensor]) -> np.ndarray:
+        """One song's windows cross-faded into float32 [samples, channels]."""
+        cfg = self.config
+        if not mine:
+            return np.zeros((0, cfg.channels), dtype=np.float32)
+        wave = stitch([decoded[w] for w in mine], [w.frames for w in mine],
+                      effective_overlap(cfg.window_frames, cfg.overlap_frames))
+        return np.ascontiguousarray(wave.numpy().T, dtype=np.float32)

@@ -245,37 +245,12 @@ class Pipeline:
         stage raised is reported there (which may re-raise) and gets no takes, and the
         other requests go on."""
         self._load_s = 0.0
-        load_s = 0.0
-        failed: set[int] = set()
+        run = _StageRun(self, len(requests), on_error)
 
         def tagged(i: int) -> Progress | None:
             if progress is None:
                 return None
             return lambda phase, done, total, extra: progress(phase, done, total, {**extra, "request": i})
-
-        def stage_time(t0: float) -> float:
-            nonlocal load_s
-            loading, self._load_s = self._load_s, 0.0  # weight loading is not stage time
-            load_s += loading
-            return time.perf_counter() - t0 - loading
-
-        def each(stage: Callable[[int, Request], object], key: str) -> list:
-            out: list = [None] * len(requests)
-            for i, req in enumerate(requests):
-                if i in failed:
-                    continue
-                t = time.perf_counter()
-                try:
-                    out[i] = stage(i, req)
-                except Exception as exc:
-                    if on_error is None:
-                        raise
-                    failed.add(i)
-                    on_error(i, exc)
-                times[i][key] = stage_time(t)
-            return out
-
-        times: list[dict[str, float]] = [{} for _ in requests]
 
         def backbone_stage(i: int, req: Request) -> list[BackboneRow]:
             rows = self.backbone(req, tagged(i))
@@ -283,22 +258,18 @@ class Pipeline:
                 on_backbone(i, rows)
             return rows
 
-        rows = each(backbone_stage, "backbone_s")
-        codes = each(lambda i, req: self.superres(req, [r.codes for r in rows[i]], tagged(i)),
-                     "superres_s")
-        live = [i for i in range(len(requests)) if i not in failed]
+        rows = run.each(requests, backbone_stage, "backbone_s")
+        codes = run.each(requests, lambda i, req: self.superres(
+            req, [r.codes for r in rows[i]], tagged(i)), "superres_s")
+        live = [i for i in range(len(requests)) if i not in run.failed]
         t = time.perf_counter()
         try:
             audio = iter(self.decode([c for i in live for c in codes[i]], progress))
         except Exception as exc:
-            if on_error is None:
-                raise
-            for i in live:
-                failed.add(i)
-                on_error(i, exc)
-        decode_s = stage_time(t)
-        return [[] if i in failed else
-                [self._take(req, seed, row, c, next(audio), times[i], decode_s, load_s)
+            run.fail(live, exc)
+        decode_s = run.stage_time(t)
+        return [[] if i in run.failed else
+                [self._take(req, seed, row, c, next(audio), run.times[i], decode_s, run.load_s)
                  for seed, row, c in zip(req.seeds, rows[i], codes[i], strict=True)]
                 for i, req in enumerate(requests)]
 
@@ -314,3 +285,43 @@ class Pipeline:
         return Take(seed=int(seed), codes=codes, audio=audio,
                     backbone_tokens=2 * int(row.codes.shape[1]), timings=tm, ended=row.ended,
                     logprob_mean=row.logprob_mean, resumed=resumed)
+
+
+class _StageRun:
+    """One `Pipeline.render` call's bookkeeping: stage times per request (weight loading kept
+    apart), and the requests whose stage failed."""
+
+    def __init__(self, pipe: Pipeline, n: int,
+                 on_error: Callable[[int, BaseException], None] | None) -> None:
+        self.pipe, self.on_error = pipe, on_error
+        self.failed: set[int] = set()
+        self.times: list[dict[str, float]] = [{} for _ in range(n)]
+        self.load_s = 0.0
+
+    def stage_time(self, t0: float) -> float:
+        loading, self.pipe._load_s = self.pipe._load_s, 0.0  # weight loading is not stage time
+        self.load_s += loading
+        return time.perf_counter() - t0 - loading
+
+    def fail(self, requests: list[int], exc: Exception) -> None:
+        """Without on_error any failure ends the call; with it, the requests get no takes."""
+        if self.on_error is None:
+            raise exc
+        for i in requests:
+            self.failed.add(i)
+            self.on_error(i, exc)
+
+    def each(self, requests: Sequence[Request], stage: Callable[[int, Request], object],
+             key: str) -> list:
+        """stage(i, request) for every request still live, timed under `key`."""
+        out: list = [None] * len(requests)
+        for i, req in enumerate(requests):
+            if i in self.failed:
+                continue
+            t = time.perf_counter()
+            try:
+                out[i] = stage(i, req)
+            except Exception as exc:
+                self.fail([i], exc)
+            self.times[i][key] = self.stage_time(t)
+        return out

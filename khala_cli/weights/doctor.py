@@ -28,6 +28,14 @@ from typing import Any
 from safetensors import safe_open
 
 from khala_cli import exit_codes
+from khala_cli.weights import stack
+from khala_cli.weights.resolve import (
+    LAYOUT_WORDS,
+    MIXED,
+    default_destination,
+    find_download,
+    mixed_message,
+)
 
 # torch and engine.modeldir (which imports torch) are imported only in the child probe, so
 # the doctor's own process never loads torch and a torch that fails to import becomes a
@@ -83,6 +91,7 @@ def _probe_main(model: str | None) -> dict[str, Any]:
         return out
     out["torch"] = torch.__version__
     out["torch_cuda"] = torch.version.cuda
+    out["stack"] = stack.import_all()
     devices = []
     try:
         available = torch.cuda.is_available()
@@ -176,7 +185,7 @@ def check_torch(probe: dict[str, Any], gpus_seen: int) -> list[Finding]:
                         "run `python -c 'import torch; print(torch.cuda.is_available())'` to see the failure")]
     if "torch_error" in probe:
         return [Finding(ERROR, "torch", f"torch cannot be imported: {probe['torch_error']}",
-                        "reinstall: pip install -e . (torch 2.11)")]
+                        stack.reinstall())]
     out = [Finding(OK, "torch", f"torch {probe['torch']}"
                    + (f" (CUDA {probe['torch_cuda']})" if probe.get("torch_cuda") else " (CPU build)"))]
     devices = probe.get("devices") or []
@@ -197,6 +206,19 @@ def check_torch(probe: dict[str, Any], gpus_seen: int) -> list[Finding]:
                            "fine for the demo model; the real model needs an NVIDIA GPU (24 GB or more) "
                            "for practical speed"))
     return out
+
+
+def check_codec_stack(probe: dict[str, Any]) -> Finding | None:
+    """torch, torchaudio and descript-audio-codec installed as a matching set that imports."""
+    found = stack.versions()
+    problem = stack.version_problem(found)
+    if problem is None and "stack" in probe:
+        problem = stack.import_problem(probe["stack"], found)
+    elif problem is None:
+        return None  # torch itself failed: check_torch says so
+    if problem is not None:
+        return Finding(ERROR, "codec", problem.message, problem.fix)
+    return Finding(OK, "codec", ", ".join(f"{d} {v}" for d, v in found.items()) + " import together")
 
 
 def check_ffmpeg(find_exe: Callable[[], str]) -> Finding:
@@ -231,18 +253,21 @@ def check_ffmpeg(find_exe: Callable[[], str]) -> Finding:
     return Finding(OK, "ffmpeg", f"ffmpeg {version} from {source} ({exe})")
 
 
-def check_model(model: Path | None, probe: dict[str, Any], is_raw_download: Callable[[Path], bool]
-                ) -> list[Finding]:
+def check_model(model: Path | None, probe: dict[str, Any]) -> list[Finding]:
+    """The model directory, or the download (either layout) it still has to be converted from."""
     if model is None:
         return [Finding(OK, "model", "no --model given: the model directory was not checked",
                         "pass --model DIR (a converted model) to check its files")]
     if not model.exists():
         return [Finding(ERROR, "model", f"{model} does not exist",
                         "convert the Khala download with `khala convert SRC DST`")]
-    if not (model / "model.json").exists() and is_raw_download(model):
-        dst = model.parent / f"{model.name}-khala"
-        return [Finding(ERROR, "model", f"{model} is a raw Khala download (Megatron checkpoints)",
-                        f"convert it once: khala convert {model} {dst}")]
+    found = None if (model / "model.json").exists() else find_download(model)
+    if found and found.layout == MIXED:
+        return [Finding(ERROR, "model", mixed_message(model, found),
+                        "then point --model at the converted directory")]
+    if found:
+        return [Finding(ERROR, "model", f"{model} is {LAYOUT_WORDS[found.layout]}",
+                        f"convert it once: khala convert {model} {default_destination(model)}")]
     if not (model / "model.json").is_file():
         return [Finding(ERROR, "model", f"{model}: not a khala model directory (no model.json)",
                         "point --model at a converted model (khala convert SRC DST makes one)")]
@@ -336,7 +361,6 @@ def check_disk(output_dir: Path, take: int) -> Finding:
 def diagnose(model: Path | None, output_dir: Path, *, find_ffmpeg: Callable[[], str],
              take_bytes: int, gpus_seen: int = 0, planner: Planner | None = None,
              decode: DecodeChooser | None = None,
-             is_raw_download: Callable[[Path], bool] = lambda p: False,
              probe: dict[str, Any] | None = None) -> list[Finding]:
     """All findings, in the order they are printed."""
     if model is not None:
@@ -353,8 +377,9 @@ def diagnose(model: Path | None, output_dir: Path, *, find_ffmpeg: Callable[[], 
         ram = None
     findings = [check_python()]
     findings += check_torch(probe, gpus_seen)
+    findings += [f for f in [check_codec_stack(probe)] if f is not None]
     findings.append(check_ffmpeg(find_ffmpeg))
-    findings += check_model(model, probe, is_raw_download)
+    findings += check_model(model, probe)
     findings += check_devices(probe, model, planner, ram)
     if decode is not None:
         findings.append(check_decode(probe, decode))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from khala_cli.engine.config import TransformerConfig
 from khala_cli.weights.safe_load import CheckpointReadError, safe_dcp_metadata, safe_torch_load
 
 # torch and megatron-core are imported inside the functions that use them: this module is
@@ -28,6 +29,7 @@ from khala_cli.weights.safe_load import CheckpointReadError, safe_dcp_metadata, 
 # megatron-core is optional (khala-cli[convert]); its absence becomes a MegatronError.
 
 TRACKER = "latest_checkpointed_iteration.txt"
+DEFAULT_MAX_SEQ_LEN = TransformerConfig.__dataclass_fields__["max_seq_len"].default
 COMMON = "common.pt"
 DCP_METADATA = ".metadata"
 CONFIG_JSON = "metadata.json"
@@ -317,6 +319,15 @@ class Arch:
         }
         return shapes[tail]
 
+    def config(self, vocab: int) -> TransformerConfig:
+        """Our config for this shape; `vocab`: the embedding's rows (the padded vocabulary)."""
+        return TransformerConfig(
+            vocab_size=vocab, hidden_size=self.hidden, num_layers=self.layers,
+            num_heads=self.heads, num_kv_heads=self.groups, head_dim=self.head_dim,
+            ffn_hidden_size=self.ffn, norm_eps=self.norm_eps, rope_base=self.rope_base,
+            max_seq_len=max(self.seq_len, DEFAULT_MAX_SEQ_LEN), double_fc1_bias=True,
+        )
+
 
 def _arg(args: Any, name: str, default: Any = None) -> Any:
     return getattr(args, name, default)
@@ -402,61 +413,71 @@ def plan_names(tensors: dict[str, TensorInfo], arch: Arch, source: str) -> tuple
     problems: list[str] = []
     plan: dict[str, Source] = {}
     provides: dict[str, str] = {}  # our name -> megatron key
-
-    def claim(ours: str, key: str) -> None:
-        if ours in provides:
-            problems.append(f"{key} and {provides[ours]} both provide {ours}")
-        provides[ours] = key
-
     emb = tensors.get("embedding.word_embeddings.weight")
     vocab = emb.shape[0] if emb is not None and len(emb.shape) == 2 else 0
     for key, info in sorted(tensors.items()):
-        if key in GLOBAL_NAMES:
-            want = (arch.hidden,) if key.endswith("layernorm.weight") else (vocab, arch.hidden)
-            if info.shape != want:
-                problems.append(f"{key} has shape {list(info.shape)}, expected {list(want)} (from common.pt args)")
-            plan[key] = Source(key, None, False, "")
-            claim(GLOBAL_NAMES[key], key)
+        src, want, problem = _source(key, info, arch, vocab)
+        if problem:
+            problems.append(problem)
             continue
-        m = _PER_LAYER.match(key)
-        if m:
-            layer, tail, stacked = int(m.group(1)), m.group(2), False
-        else:
-            m = _STACKED.match(key)
-            if not m:
-                problems.append(f"{key} (shape {list(info.shape)}) is not a tensor khala knows how to map")
-                continue
-            layer, tail, stacked = None, m.group(1), True
-        if tail not in LAYER_NAMES:
-            problems.append(f"{key} (shape {list(info.shape)}) is not a tensor khala knows how to map")
-            continue
-        if layer is not None and layer >= arch.layers:
-            problems.append(f"{key}: layer {layer} but args.num_layers = {arch.layers}")
-            continue
-        want = arch.layer_shape(tail)
-        if stacked:
-            want = (arch.layers, *want)
         if info.shape != want:
             problems.append(f"{key} has shape {list(info.shape)}, expected {list(want)} (from common.pt args)")
-        plan[key] = Source(key, layer, stacked, tail)
-        for i in range(arch.layers) if stacked else (layer,):
-            for ours in LAYER_NAMES[tail]:
-                claim(f"layers.{i}.{ours}", key)
+        plan[key] = src
+        for ours in _provided(src, arch):
+            if ours in provides:
+                problems.append(f"{key} and {provides[ours]} both provide {ours}")
+            provides[ours] = key
     if vocab == 0:
         problems.append("embedding.word_embeddings.weight is missing (or not 2-D)")
-    expected = set(GLOBAL_NAMES.values()) | {
-        f"layers.{i}.{ours}" for i in range(arch.layers) for names in LAYER_NAMES.values() for ours in names
-    }
-    missing = sorted(expected - set(provides), key=_natural)
-    if missing:
-        shown = [f"{m} (from {_megatron_name(m)})" for m in missing[:8]]
-        more = f"\n    ... and {len(missing) - 8} more" if len(missing) > 8 else ""
-        problems.append("missing tensors, nothing in the checkpoint provides:\n    "
-                        + "\n    ".join(shown) + more)
+    problems += _missing(provides, arch)
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise MegatronError(f"{source}: cannot map the checkpoint:\n  " + "\n  ".join(shown))
     return plan, vocab
+
+
+def _source(key: str, info: TensorInfo, arch: Arch, vocab: int
+            ) -> tuple[Source | None, tuple[int, ...], str | None]:
+    """Where a Megatron key goes and the shape it must have, or why it cannot be mapped."""
+    if key in GLOBAL_NAMES:
+        want = (arch.hidden,) if key.endswith("layernorm.weight") else (vocab, arch.hidden)
+        return Source(key, None, False, ""), want, None
+    unknown = f"{key} (shape {list(info.shape)}) is not a tensor khala knows how to map"
+    m = _PER_LAYER.match(key)
+    if m:
+        layer, tail, stacked = int(m.group(1)), m.group(2), False
+    else:
+        m = _STACKED.match(key)
+        if not m:
+            return None, (), unknown
+        layer, tail, stacked = None, m.group(1), True
+    if tail not in LAYER_NAMES:
+        return None, (), unknown
+    if layer is not None and layer >= arch.layers:
+        return None, (), f"{key}: layer {layer} but args.num_layers = {arch.layers}"
+    want = arch.layer_shape(tail)
+    return Source(key, layer, stacked, tail), (arch.layers, *want) if stacked else want, None
+
+
+def _provided(src: Source, arch: Arch) -> list[str]:
+    """Our tensor names that one Megatron key provides."""
+    if src.tail == "":
+        return [GLOBAL_NAMES[src.key]]
+    layers = range(arch.layers) if src.stacked else (src.layer,)
+    return [f"layers.{i}.{ours}" for i in layers for ours in LAYER_NAMES[src.tail]]
+
+
+def _missing(provides: dict[str, str], arch: Arch) -> list[str]:
+    """The problem line listing our tensors that nothing in the checkpoint provides."""
+    expected = set(GLOBAL_NAMES.values()) | {
+        f"layers.{i}.{ours}" for i in range(arch.layers) for names in LAYER_NAMES.values() for ours in names
+    }
+    missing = sorted(expected - set(provides), key=_natural)
+    if not missing:
+        return []
+    shown = [f"{m} (from {_megatron_name(m)})" for m in missing[:8]]
+    more = f"\n    ... and {len(missing) - 8} more" if len(missing) > 8 else ""
+    return ["missing tensors, nothing in the checkpoint provides:\n    " + "\n    ".join(shown) + more]
 
 
 def _megatron_name(ours: str) -> str:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from khala_cli.engine.config import ModelInfo
@@ -34,11 +35,71 @@ def read_info(model_dir: Path) -> ModelInfo:
         raise ModelError(f"{path}: {exc}") from None
 
 
-def is_raw_download(path: Path) -> bool:
-    """A Khala download as published (Megatron torch_dist checkpoints), not yet converted."""
-    return (path / "backbone" / "latest_checkpointed_iteration.txt").exists() or (
-        path / "checkpoints" / "backbone" / "latest_checkpointed_iteration.txt"
-    ).exists()
+# The two downloads of the Khala weights, recognised by their files.
+MEGATRON = "megatron"  # the official one: Megatron torch_dist + a Lightning decoder checkpoint
+KHALA_MAC = "khala-mac"  # the Khala-mac fork's: the same weights already as safetensors
+MIXED = "mixed"  # both in one folder: refused, the user says which one is meant
+# The Megatron download's checkpoint folders per stage (the first name is the published one).
+TRANSFORMER_DIRS = {
+    "backbone": ("backbone",),
+    "superres": ("superresolution", "superres", "super_resolution"),
+}
+KHALA_MAC_FILES = (
+    "khala_backbone.safetensors", "khala_superres.safetensors", "decoder_weights.pt",
+    "backbone_megatron_args.json", "superres_megatron_args.json", "decoder_config.yaml",
+)
+# Where the six files may sit below SRC: SRC itself, or a Khala(-mac) checkout's folders.
+KHALA_MAC_FOLDERS = (".", "checkpoints", "_cuda_artifacts")
+LAYOUT_WORDS = {
+    MEGATRON: "a raw Khala download (Megatron checkpoints)",
+    KHALA_MAC: "the Khala-mac download (pre-converted safetensors)",
+    MIXED: "a folder holding both the Megatron download and the Khala-mac files",
+}
+
+
+@dataclass(frozen=True)
+class Download:
+    """A download not converted yet: its layout and the folder(s) holding its files."""
+
+    layout: str  # MEGATRON | KHALA_MAC | MIXED
+    megatron: Path | None  # the folder holding backbone/, superresolution/, dac_rvq_*.ckpt
+    khala_mac: Path | None  # the folder holding the six Khala-mac files
+    khala_mac_found: tuple[str, ...] = ()  # which of the six are there
+
+
+def _megatron_folder(path: Path) -> Path | None:
+    for folder in (path, path / "checkpoints"):
+        dirs = (n for names in TRANSFORMER_DIRS.values() for n in names)
+        if any((folder / n).is_dir() for n in dirs) or any(folder.glob("dac_rvq_*.ckpt")):
+            return folder
+    return None
+
+
+def find_download(path: Path) -> Download | None:
+    """Which download `path` holds (None: neither)."""
+    path = Path(path)
+    mac, found = None, ()
+    for sub in KHALA_MAC_FOLDERS:
+        folder = path / sub if sub != "." else path
+        found = tuple(n for n in KHALA_MAC_FILES if (folder / n).is_file())
+        if found:
+            mac = folder
+            break
+    megatron = _megatron_folder(path)
+    if megatron is None and mac is None:
+        return None
+    layout = MIXED if megatron and mac else MEGATRON if megatron else KHALA_MAC
+    return Download(layout, megatron, mac, found)
+
+
+def mixed_message(path: Path, found: Download) -> str:
+    """Why a folder holding both downloads is refused, and what to do."""
+    return (
+        f"{path} holds both downloads of the Khala weights: Megatron checkpoints in "
+        f"{found.megatron} and Khala-mac files ({', '.join(found.khala_mac_found)}) in "
+        f"{found.khala_mac}. khala does not guess which one you mean: move one of them into a "
+        f"folder of its own and convert that folder."
+    )
 
 
 def ensure_demo(path: Path | None = None) -> Path:
@@ -85,13 +146,16 @@ def resolve_model(ref: str, base: Path, *, convert: bool = False,
     path = (base / ref).expanduser().resolve()
     if not path.exists():
         raise ModelError(f"model directory {path} does not exist")
-    if not (path / MODEL_JSON).exists() and is_raw_download(path):
+    found = None if (path / MODEL_JSON).exists() else find_download(path)
+    if found and found.layout == MIXED:
+        raise ModelError(mixed_message(path, found))
+    if found:
+        what = LAYOUT_WORDS[found.layout]
         dst = default_destination(path)
         if not (dst / MODEL_JSON).exists():
             if not convert:
                 raise ModelError(
-                    f"{path} is a raw Khala download (Megatron checkpoints) and needs "
-                    f"converting once:\n  khala convert {path} {dst}\n"
+                    f"{path} is {what} and needs converting once:\n  khala convert {path} {dst}\n"
                     f"then point `model:` at {dst} (or run render with --convert)."
                 )
             if announce:
