@@ -406,13 +406,19 @@ def _size(p: Path) -> int:
 def temp_files(root: str | Path, stems: set[str] | None = None) -> list[Path]:
     """Temporary files left under `root` (by a process that was killed mid-write).
 
-    With `stems`, only those of these takes: shards of one array share job folders, and one
-    shard must not sweep away the files another is writing.
+    With `stems`, only those of these takes (a take's stem, or the name of the file being
+    written, as for the files of .khala/work): shards of one array share job folders, and
+    one shard must not sweep away the files another is writing.
     """
     found = sorted(Path(root).rglob(f"{TMP_PREFIX}*"))
     if stems is None:
         return found
-    return [p for p in found if _tmp_stem(p.name) in stems]
+    return [p for p in found if _tmp_stem(p.name) in stems or _tmp_target(p.name) in stems]
+
+
+def _tmp_target(name: str) -> str:
+    """'.tmp-abc.q01.npy.4242' -> 'abc.q01.npy': the name of the file being written."""
+    return name[len(TMP_PREFIX):].rsplit(".", 1)[0]
 
 
 def _tmp_stem(name: str) -> str:

@@ -27,14 +27,15 @@ def demo_model_dir() -> Path:
 @pytest.fixture
 def small_fs(tmp_path):
     """Mount small tmpfs file systems (root only; the test skips elsewhere):
-    `small_fs(mib) -> Path`, `small_fs.read_only(path)` remounts one read-only."""
+    `small_fs(mib, at=None) -> Path` (at: mount there instead of a new folder),
+    `small_fs.read_only(path)` remounts one read-only."""
     import subprocess
 
     mounted: list[Path] = []
 
-    def mount(mib: int) -> Path:
-        path = tmp_path / f"fs{len(mounted)}"
-        path.mkdir()
+    def mount(mib: int, at: Path | None = None) -> Path:
+        path = at or tmp_path / f"fs{len(mounted)}"
+        path.mkdir(parents=True, exist_ok=at is not None)
         proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs",
                                str(path)], capture_output=True, text=True)
         if proc.returncode != 0:

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -28,7 +29,6 @@ from khala_cli.plan import Plan, est_minutes
 from khala_cli.runner import RunOptions, RunResult, run_renders
 from khala_cli.runner.devices import DeviceError
 from khala_cli.runner.events import Event, Finished
-from khala_cli.runner.lock import LockHeld, RunLock
 
 
 def _option(default: Any, *decls: str, report: bool = False, **click_kw: Any) -> Any:
@@ -149,10 +149,8 @@ def run(manifest: Path, o: RenderOptions) -> int:
     if info.demo:
         steps.warn(steps.DEMO_LINE)
     _make_output_dir(m.output_dir)
-    lock_dir = m.output_dir
-    if shard is not None:
-        lock_dir = m.output_dir / ".khala" / f"shard-{shard[0]}-of-{shard[1]}"
-    with _writable(m.output_dir), _locked(lock_dir):
+    with _writable(m.output_dir), steps.locked(m.output_dir, purpose="khala render",
+                                               shard=shard, on_lost=_stop_self):
         p = steps.plan(m, info, force=o.force, only=only, shard=shard,
                        save_codes=o.save_codes)
         result = _execute(m, p, o, model_dir, n_devices, shard, manifest)
@@ -173,12 +171,8 @@ def _make_output_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise Failure(_write_code(exc), f"error: cannot create the output directory {path}: "
+        raise Failure(steps.write_code(exc), f"error: cannot create the output directory {path}: "
                       f"{exc.strerror or exc}") from None
-
-
-def _write_code(exc: OSError) -> int:
-    return exit_codes.NO_SPACE if exc.errno in outputs.NO_SPACE_ERRNOS else exit_codes.MODEL
 
 
 @contextlib.contextmanager
@@ -187,18 +181,13 @@ def _writable(out_dir: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise Failure(_write_code(exc), f"error: cannot write in {out_dir}: "
+        raise Failure(steps.write_code(exc), f"error: cannot write in {out_dir}: "
                       f"{exc.strerror or exc} ({exc.filename or out_dir})") from None
 
 
-@contextlib.contextmanager
-def _locked(lock_dir: Path) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(RunLock(lock_dir, warn=steps.warn))
-        except LockHeld as exc:
-            raise Failure(exit_codes.LOCKED, f"error: {exc}") from None
-        yield
+def _stop_self() -> None:
+    """The lock was taken from this run (it was silent too long): stop as on a SIGTERM."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _execute(m: Manifest, p: Plan, o: RenderOptions, model_dir: Path, n_devices: int,
@@ -304,8 +293,10 @@ def _warn_disk(output_dir: Path, p: Plan) -> None:
 
 def _no_space_text(no_space: dict, output_dir: Path, p: Plan) -> str:
     _, one = _disk_need(p)
-    return (f"the output disk refused a write: {no_space['error']}. {output_dir} has "
-            f"{max(0, _free(output_dir)) / 1e6:,.1f} MB free; one take needs about "
+    where = Path(no_space.get("path") or output_dir)  # the output disk, or .khala/work's
+    where = where if where.is_dir() else where.parent
+    return (f"the output disk refused a write: {no_space['error']}. {where} has "
+            f"{max(0, _free(where)) / 1e6:,.1f} MB free; one take needs about "
             f"{one / 1e6:,.1f} MB. No more work was handed out. Free some space (or make the "
             "folder writable) and run the same command again: takes already rendered are "
             "written without rendering them again.")

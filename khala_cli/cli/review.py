@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 
 from khala_cli import exit_codes
-from khala_cli.cli import Failure, cli
+from khala_cli.cli import Failure, cli, steps
 from khala_cli.outputs import SUPERSEDED, superseded_usage
 from khala_cli.review import write_page
 from khala_cli.takes import NotAnOutputDir, backfill, check_output_dir, read_takes
@@ -46,17 +47,18 @@ def analyse_cmd(output_dir: Path, force: bool) -> None:
     """
     root = _output_dir(output_dir)
     done = failed = 0
-    for take in read_takes(root):
-        if take.data is None:
-            click.echo(f"skipped {take.path}: {take.problem}", err=True)
-            continue
-        try:
-            done += backfill(take, force=force)
-        except Exception as exc:  # noqa: BLE001 - one broken take does not stop the others
-            failed += 1
-            click.echo(f"error: {take.path}: cannot measure: {type(exc).__name__}: {exc}",
-                       err=True)
-    page = review_page(root)
+    with steps.locked(root, purpose="khala analyse"):  # a render rewrites sidecars too
+        for take in read_takes(root):
+            if take.data is None:
+                click.echo(f"skipped {take.path}: {take.problem}", err=True)
+                continue
+            try:
+                done += backfill(take, force=force)
+            except Exception as exc:  # noqa: BLE001 - one broken take does not stop the others
+                failed += 1
+                click.echo(f"error: {take.path}: cannot measure: {type(exc).__name__}: {exc}",
+                           err=True)
+        page = review_page(root)
     click.echo(f"analysed {done} takes" + (f", {failed} could not be read" if failed else "")
                + (f"; review page {page}" if page else ""))
     if failed:
@@ -90,14 +92,16 @@ def verify_cmd(output_dir: Path, fix: bool) -> None:
     Names each damaged file and exits 1 when any is damaged (0 when all are whole).
     """
     root = _output_dir(output_dir)
-    checked, damage = verify(root)
-    for d in damage:
-        click.echo(f"damaged: {d.file}: {d.problem}", err=True)
-    if fix:
-        for sidecar in sorted({d.sidecar for d in damage if d.sidecar.exists()}):
-            moved = set_aside(root, sidecar)
-            click.echo(f"set aside {sidecar} -> {moved}; the next render renders it again",
-                       err=True)
+    # --fix sets takes aside: never beside a render, which may be rewriting them.
+    with steps.locked(root, purpose="khala verify --fix") if fix else contextlib.nullcontext():
+        checked, damage = verify(root)
+        for d in damage:
+            click.echo(f"damaged: {d.file}: {d.problem}", err=True)
+        if fix:
+            for sidecar in sorted({d.sidecar for d in damage if d.sidecar.exists()}):
+                moved = set_aside(root, sidecar)
+                click.echo(f"set aside {sidecar} -> {moved}; the next render renders it "
+                           "again", err=True)
     takes = len({d.sidecar for d in damage})
     click.echo(f"verified {checked} takes: " + (f"{takes} damaged ({len(damage)} files)"
                                                 if damage else "all whole"))
