@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from khala_cli import model_numbers as mn
-from khala_cli.manifest import Job, Manifest, job_dir
+from khala_cli.manifest.jobs import Job, Manifest, job_dir
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import soundfile as sf
 from click.testing import CliRunner
 
 from khala_cli import outputs
+from khala_cli.catalogue.names import safe_component
 from khala_cli.cli import _register, cli
-from khala_cli.names import safe_component
 from khala_cli.plan import Render
 
 SR = 44100
@@ -101,7 +101,7 @@ def test_keep_refuses_bad_takes_and_changes_nothing(out, arg, msg):
 
 
 def test_keep_and_the_page_read_only_the_latest_report_of_each_shard(out):
-    from khala_cli.review import write_page
+    from khala_cli.review.page import write_page
 
     reports = out / "reports"
     old = {"started_at": "2025-01-01T00:00:00Z", "summary": {}, "renders": [
@@ -501,7 +501,7 @@ def test_equal_names_after_cleaning_get_distinct_names(tmp_path):
 
 
 def test_an_export_inside_the_output_directory_is_not_a_damaged_take(out):
-    from khala_cli.review import write_page
+    from khala_cli.review.page import write_page
 
     khala("keep", out, "paper:5")
     assert khala("export", out, out / "export").exit_code == 0

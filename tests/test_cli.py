@@ -16,10 +16,10 @@ import soundfile as sf
 from click.testing import CliRunner
 
 from khala_cli import __version__, outputs
-from khala_cli import manifest as mf
 from khala_cli import plan as pl
 from khala_cli.cli import _register, cli
 from khala_cli.engine.config import ModelInfo
+from khala_cli.manifest import jobs as mf
 
 _register()
 ROOT = Path(__file__).resolve().parents[1]

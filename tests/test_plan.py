@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from khala_cli import manifest as mf
 from khala_cli import outputs
 from khala_cli import plan as pl
 from khala_cli.cli import _register, cli
 from khala_cli.engine.config import ModelInfo
+from khala_cli.manifest import jobs as mf
 
 _register()
 

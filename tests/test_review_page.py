@@ -21,7 +21,7 @@ import pytest
 
 from khala_cli import outputs
 from khala_cli.plan import Render
-from khala_cli.review import write_page
+from khala_cli.review.page import write_page
 
 SR = 44100
 pytestmark = pytest.mark.slow
@@ -200,7 +200,7 @@ def test_flagged_takes_carry_their_flags_in_the_page(synthetic):
 def test_keep_toggles_survive_a_reload_and_give_the_exact_command(synthetic):
     from selenium.webdriver.common.by import By
 
-    from khala_cli.keep import keep_command, write_marks
+    from khala_cli.review.keep import keep_command, write_marks
 
     write_marks(synthetic, [("alpha", 1)])
     write_page(synthetic)
@@ -232,7 +232,7 @@ def test_keep_toggles_survive_a_reload_and_give_the_exact_command(synthetic):
     args = want.split()[2:]
     res = CliRunner().invoke(cli, ["keep", *args])
     assert res.exit_code == 0, res.output
-    from khala_cli.keep import read_marks
+    from khala_cli.review.keep import read_marks
     assert read_marks(synthetic) == [("alpha", 2), ("beta", 7)]
 
 
@@ -241,7 +241,7 @@ def test_the_copied_keep_command_quotes_ids_taken_from_sidecars(tmp_path):
     the folder) exactly as keep.keep_command does, and a shell reads back only those words."""
     from selenium.webdriver.common.by import By
 
-    from khala_cli.keep import keep_command
+    from khala_cli.review.keep import keep_command
 
     root = tmp_path / "it's out"
     _write(root, "gamma", 1, "clean", "end_of_song", -1.0)

@@ -333,7 +333,8 @@ def test_a_read_only_output_directory_exits_before_rendering(tmp_path, demo_mode
 def _seeds_of_both_shards(tmp_path: Path, model_dir: Path) -> tuple[Path, list, list]:
     """A manifest of one job with one seed of shard 0/2 and one of shard 1/2 (so both
     shards write into the same job folder); the renders of each shard."""
-    from khala_cli import manifest, plan
+    from khala_cli import plan
+    from khala_cli.manifest import jobs as manifest
     from khala_cli.weights.resolve import read_info
 
     path = write_manifest(tmp_path, model_dir, ["a"])

@@ -21,7 +21,8 @@ import psutil
 import pytest
 from processes import assert_gone, wait_for
 
-from khala_cli import manifest, outputs
+from khala_cli import outputs
+from khala_cli.manifest import jobs as manifest
 from khala_cli.plan import build_renders
 from khala_cli.runner import Outcome, RunOptions, run_renders
 from khala_cli.runner.events import Event, Finished, Progress, WorkerChanged
@@ -328,7 +329,8 @@ def test_unloadable_model_fails_every_render_without_looping(tmp_path, demo_mode
 
 SCRIPT = textwrap.dedent("""
     import dataclasses, json, sys
-    from khala_cli import manifest, outputs
+    from khala_cli import outputs
+    from khala_cli.manifest import jobs as manifest
     from khala_cli.runner.events import Finished
     from khala_cli.plan import build_renders
     from khala_cli.runner import RunOptions, run_renders

@@ -11,7 +11,7 @@ import click
 
 from khala_cli import model_numbers as mn
 from khala_cli.cli import cli
-from khala_cli.review_bench import run
+from khala_cli.review.bench import run
 from khala_cli.runner import devices as dv
 
 # torch and the engine are imported inside the functions that run the engine benchmarks:

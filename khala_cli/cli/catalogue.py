@@ -9,10 +9,10 @@ import click
 from rich.progress import Progress
 
 from khala_cli import exit_codes
+from khala_cli.catalogue.export import ExportError, ExportOptions, export
 from khala_cli.cli import Failure, cli, steps
 from khala_cli.cli.review import OUTPUT_DIR_ARG, _output_dir, review_page
-from khala_cli.export import ExportError, ExportOptions, export
-from khala_cli.keep import KeepError, apply, parse_take
+from khala_cli.review.keep import KeepError, apply, parse_take
 
 
 def _takes(values: tuple[str, ...]) -> list[tuple[str, int]]:

@@ -12,9 +12,9 @@ from rich.table import Table
 from khala_cli import exit_codes
 from khala_cli.cli import Failure, cli, steps
 from khala_cli.cli.display import out_console
-from khala_cli.manifest import MAX_RENDERS
-from khala_cli.manifest_checks import closest, tag_catalogue
-from khala_cli.manifest_fields import FIELDS, explain
+from khala_cli.manifest.checks import closest, tag_catalogue
+from khala_cli.manifest.fields import FIELDS, explain
+from khala_cli.manifest.jobs import MAX_RENDERS
 from khala_cli.plan import STATUSES, TO_RUN, Plan
 
 MAX_RENDERS_OPTION = click.option(

@@ -24,7 +24,7 @@ from khala_cli import report as rp
 from khala_cli.cli import Failure, cli, display, steps
 from khala_cli.cli.review import review_page
 from khala_cli.engine.config import DECODE_PATHS
-from khala_cli.manifest import MAX_RENDERS, Manifest
+from khala_cli.manifest.jobs import MAX_RENDERS, Manifest
 from khala_cli.plan import Plan, est_minutes
 from khala_cli.runner import RunOptions, RunResult, run_renders
 from khala_cli.runner.devices import DeviceError

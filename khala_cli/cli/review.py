@@ -10,9 +10,9 @@ import click
 from khala_cli import exit_codes
 from khala_cli.cli import Failure, cli, steps
 from khala_cli.outputs import SUPERSEDED, superseded_usage
-from khala_cli.review import write_page
-from khala_cli.takes import NotAnOutputDir, backfill, check_output_dir, read_takes
-from khala_cli.verify import set_aside, verify
+from khala_cli.review.page import write_page
+from khala_cli.review.takes import NotAnOutputDir, backfill, check_output_dir, read_takes
+from khala_cli.review.verify import set_aside, verify
 
 OUTPUT_DIR_ARG = click.argument("output_dir", type=click.Path(path_type=Path))
 

@@ -11,11 +11,11 @@ from typing import Any
 import click
 
 from khala_cli import exit_codes, outputs
-from khala_cli import manifest as mf
 from khala_cli.cli import Failure
-from khala_cli.keep import read_marks
-from khala_cli.manifest_checks import closest
+from khala_cli.manifest import jobs as mf
+from khala_cli.manifest.checks import closest
 from khala_cli.plan import Plan, build_renders, make_plan, parse_shard
+from khala_cli.review.keep import read_marks
 from khala_cli.runner.devices import DeviceError, check_decode_path, parse_devices
 from khala_cli.runner.lock import LockHeld, RunLock, flocked
 from khala_cli.weights import stack

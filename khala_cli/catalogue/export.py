@@ -40,10 +40,10 @@ from mutagen.wave import WAVE
 
 from khala_cli import __version__
 from khala_cli.analysis import loudness_lufs, true_peak_db
-from khala_cli.keep import read_marks
-from khala_cli.names import safe_component
+from khala_cli.catalogue.names import safe_component
 from khala_cli.outputs import OutputError, atomic_path, ffmpeg_exe, write_bytes
-from khala_cli.takes import load_json, read_takes
+from khala_cli.review.keep import read_marks
+from khala_cli.review.takes import load_json, read_takes
 
 FORMATS = ("mp3", "flac", "wav")
 CATALOGUE = "catalogue.json"

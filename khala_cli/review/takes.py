@@ -21,7 +21,7 @@ import numpy as np
 import soundfile as sf
 
 from khala_cli.analysis import analyse
-from khala_cli.manifest import ID_RE, RESERVED_IDS
+from khala_cli.manifest.jobs import ID_RE, RESERVED_IDS
 from khala_cli.outputs import read_sidecar, write_json
 
 

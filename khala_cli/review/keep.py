@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from khala_cli.outputs import write_bytes
-from khala_cli.takes import TakeFile, latest_reports, load_json, read_takes
+from khala_cli.review.takes import TakeFile, latest_reports, load_json, read_takes
 
 KEEPERS = "keepers.json"
 TAKE_RE = re.compile(r"^(?P<job>[a-z0-9][a-z0-9._-]*):(?P<seed>\d+)$")

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from khala_cli.manifest_yaml import MarkedDict, item_lines, line_of
+from khala_cli.manifest.yaml_lines import MarkedDict, item_lines, line_of
 from khala_cli.model_numbers import SEED_RANGE
 
 

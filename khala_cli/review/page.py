@@ -21,9 +21,9 @@ from typing import Any
 from urllib.parse import quote
 
 from khala_cli import __version__
-from khala_cli.keep import read_marks
 from khala_cli.outputs import atomic_path, superseded_usage
-from khala_cli.takes import TakeFile, check_output_dir, latest_reports, read_takes
+from khala_cli.review.keep import read_marks
+from khala_cli.review.takes import TakeFile, check_output_dir, latest_reports, read_takes
 
 PAGE = "index.html"
 

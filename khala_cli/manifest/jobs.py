@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from khala_cli.manifest_checks import (  # noqa: F401 - the manifest's results, re-exported
+from khala_cli.manifest.checks import (  # noqa: F401 - the manifest's results, re-exported
     At,
     Checker,
     Issue,
@@ -35,8 +35,8 @@ from khala_cli.manifest_checks import (  # noqa: F401 - the manifest's results, 
     type_name,
     unknown_keys,
 )
-from khala_cli.manifest_fields import FIELDS, JOB_KEYS, SETTING_KEYS, TOP_KEYS, check_settings
-from khala_cli.manifest_yaml import MarkedDict, item_lines, parse, syntax_error
+from khala_cli.manifest.fields import FIELDS, JOB_KEYS, SETTING_KEYS, TOP_KEYS, check_settings
+from khala_cli.manifest.yaml_lines import MarkedDict, item_lines, parse, syntax_error
 from khala_cli.model_numbers import (  # noqa: F401 - MAX_NEW_TOKENS re-exported
     DEFAULT_DURATION,
     DEFAULT_TEMPERATURE,

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from khala_cli import manifest_checks as chk
 from khala_cli import model_numbers as mn
+from khala_cli.manifest import checks as chk
 
 TOP = "top"  # the manifest's top level
 JOB = "job"  # one job only
