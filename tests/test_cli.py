@@ -517,3 +517,15 @@ def test_interrupt_exits_130_and_writes_the_report(tmp_path, demo_model_dir):
     assert s["rendered"] + s["cancelled"] == 3 and s["cancelled"] >= 1
     assert outputs.temp_files(tmp_path / "out") == []
     assert not (tmp_path / "out" / ".khala" / "lock").exists()
+
+
+@pytest.mark.parametrize("cmd", ["plan", "validate"])
+def test_the_demo_warning_is_said_once(tmp_path, demo_model_dir, cmd):
+    """The demo model is named as untrained noise, once, by a real process (stdout and stderr
+    together, as a terminal shows them)."""
+    args = [cmd, "jobs/demo.yaml"] + (["--output-dir", str(tmp_path)] if cmd == "plan" else [])
+    proc = subprocess.run([str(Path(sys.executable).with_name("khala")), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    both = proc.stdout + proc.stderr
+    assert both.count("untrained") == 1, both
