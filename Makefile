@@ -44,7 +44,8 @@ lock: $(UV)
 lock-upgrade: $(UV)
 	$(UV) pip compile pyproject.toml $(LOCK_FLAGS) --upgrade -o $(LOCK)
 
-# On a machine with an NVIDIA GPU, from a stock PyTorch image (no venv: the image's Python).
+# On a machine with an NVIDIA GPU, from a stock PyTorch image (no venv: the image's Python),
+# within BUDGET_S (420 s); WHEELS=.whl installs tools/gpu-wheels' folder first.
 gpu-check:
 	tools/gpu-check
 

@@ -2,9 +2,13 @@
 
     <out_dir>/<stem>.wav        44.1 kHz stereo, 24-bit PCM (soundfile)
     <out_dir>/<stem>.mp3        320 kb/s with title/artist/album tags (ffmpeg)
-    <out_dir>/<stem>.codes.npy  int16 [num_quantizers, frames], with --save-codes
+    <out_dir>/<stem>.codes.npy  int16 [num_quantizers, frames] (unless --no-save-codes)
     <out_dir>/<stem>.json       the sidecar, written LAST: a take is done when it exists,
-                                carries the render key, and its audio files exist
+                                carries the render key, and the files it names exist
+
+    <output_dir>/.khala/superseded/<job_id>/<stem>/<old render key>[-N]/
+                                what a new render of a take replaced: its old sidecar, WAV,
+                                MP3 and codes, moved aside, never deleted
 
 Every file goes to a temporary name in the same directory and is renamed into place, so a
 crash never leaves a half-written file under a real name. No torch here.
@@ -15,8 +19,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -42,6 +48,9 @@ MP3_BITRATE = "320k"
 MP3_SAMPLE_RATE = SAMPLE_RATE
 TMP_PREFIX = ".tmp-"  # temporary files: .tmp-<stem>.<suffix>.<random>
 DEMO_NOTE = "demo model: untrained, renders noise (not music)"
+SUPERSEDED = Path(".khala") / "superseded"  # under the output directory
+TAKE_SUFFIXES = (".json", ".wav", ".mp3", ".codes.npy")  # the sidecar first: moved first
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")  # a render key as a folder name
 
 # mkstemp creates files 0600; outputs get the usual permissions (0666 less the umask).
 _UMASK = os.umask(0o022)
@@ -269,9 +278,9 @@ def write_take(render: Render, audio: Any, sample_rate: int, *, codes: Any = Non
 
     Every file is encoded in memory first, then written atomically, so a disk error carries
     the OS's words. Raises OutputError (the render fails with that reason; `no_space` when
-    the disk is full or read-only); files of other renders are never touched. An earlier
-    sidecar of this take is removed first, so the take is never "done" while its audio
-    files are being replaced.
+    the disk is full or read-only); files of other renders are never touched. The files of
+    an earlier version of this take move aside first (`move_aside`, the sidecar first), so
+    the take is never "done" while its files are being replaced, and nothing is deleted.
     """
     info = info or {}
     raw = _checked_audio(audio)
@@ -293,9 +302,9 @@ def write_take(render: Render, audio: Any, sample_rate: int, *, codes: Any = Non
     js = render.path(".json")
     try:
         Path(render.out_dir).mkdir(parents=True, exist_ok=True)
-        js.unlink(missing_ok=True)
     except OSError as exc:
         raise _os_error(js, exc) from None
+    move_aside(render)
     written, records = {}, {}
     for kind, data in blobs.items():
         path = render.path(suffix[kind])
@@ -311,6 +320,58 @@ def write_take(render: Render, audio: Any, sample_rate: int, *, codes: Any = Non
     return written
 
 
+def _aside_dir(render: Render, old: dict[str, Any] | None) -> Path:
+    """A new folder for one replaced version: per stem and old render key, numbered when
+    that key was replaced before (--force), made with mkdir so that two never share one."""
+    key = (old or {}).get("render_key")
+    name = key if isinstance(key, str) and _SAFE_KEY.fullmatch(key) else \
+        "no-sidecar" if old is None else "no-key"
+    parent = Path(render.out_dir).parent / SUPERSEDED / render.job_id / render.stem
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def move_aside(render: Render) -> Path | None:
+    """Move the files of this take's earlier version (sidecar, WAV, MP3, codes; the sidecar
+    first) into a new folder under <output_dir>/.khala/superseded/; that folder, or None when
+    there was nothing. OutputError when the move fails (nothing is deleted either way)."""
+    present = [render.path(s) for s in TAKE_SUFFIXES if os.path.lexists(render.path(s))]
+    if not present:
+        return None
+    try:
+        dest = _aside_dir(render, read_sidecar(render.path(".json")))
+        for path in present:
+            os.replace(path, dest / path.name)
+    except OSError as exc:
+        raise _os_error(Path(exc.filename or render.path(".json")), exc) from None
+    return dest
+
+
+def superseded_usage(output_dir: str | Path) -> tuple[int, int]:
+    """(versions moved aside under .khala/superseded/, the bytes their files take)."""
+    root = Path(output_dir) / SUPERSEDED
+    versions, size = 0, 0
+    for stem in (p for job in _subdirs(root) for p in _subdirs(job)):
+        for version in _subdirs(stem):
+            versions += 1
+            size += sum(max(0, _size(f)) for f in version.iterdir() if f.is_file())
+    return versions, size
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return [p for p in path.iterdir() if p.is_dir()]
+    except OSError:
+        return []
+
+
 def read_sidecar(path: str | Path) -> dict[str, Any] | None:
     """A sidecar's data, or None if it is missing or not valid JSON."""
     try:
@@ -323,12 +384,13 @@ def read_sidecar(path: str | Path) -> dict[str, Any] | None:
 def is_done(render: Render) -> bool:
     """The sidecar exists with this render's key, and its files exist with the sizes it
     records (a cheap check: `khala verify` compares hashes). Sidecars from before the
-    records: the files exist and are not empty."""
+    records: the files exist and are not empty. Codes count where the sidecar names them:
+    whether this run saves codes never makes a take undone."""
     data = read_sidecar(render.path(".json"))
     if data is None or data.get("render_key") != render.key:
         return False
-    needed = {"wav": ".wav", "mp3": ".mp3"} | ({"codes": ".codes.npy"} if render.save_codes
-                                               else {})
+    needed = {"wav": ".wav", "mp3": ".mp3"} | (
+        {"codes": ".codes.npy"} if "codes" in (data.get("files") or {}) else {})
     records = data.get("file_records") or {}
     return all(_size(render.path(s)) == (records.get(k) or {}).get("bytes", _size(render.path(s)))
                and _size(render.path(s)) > 0 for k, s in needed.items())
@@ -344,13 +406,19 @@ def _size(p: Path) -> int:
 def temp_files(root: str | Path, stems: set[str] | None = None) -> list[Path]:
     """Temporary files left under `root` (by a process that was killed mid-write).
 
-    With `stems`, only those of these takes: shards of one array share job folders, and one
-    shard must not sweep away the files another is writing.
+    With `stems`, only those of these takes (a take's stem, or the name of the file being
+    written, as for the files of .khala/work): shards of one array share job folders, and
+    one shard must not sweep away the files another is writing.
     """
     found = sorted(Path(root).rglob(f"{TMP_PREFIX}*"))
     if stems is None:
         return found
-    return [p for p in found if _tmp_stem(p.name) in stems]
+    return [p for p in found if _tmp_stem(p.name) in stems or _tmp_target(p.name) in stems]
+
+
+def _tmp_target(name: str) -> str:
+    """'.tmp-abc.q01.npy.4242' -> 'abc.q01.npy': the name of the file being written."""
+    return name[len(TMP_PREFIX):].rsplit(".", 1)[0]
 
 
 def _tmp_stem(name: str) -> str:

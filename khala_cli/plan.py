@@ -9,13 +9,13 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from khala_cli import model_numbers as mn
-from khala_cli.manifest import Job, Manifest, job_dir
+from khala_cli.manifest.jobs import Job, Manifest, job_dir
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,11 @@ class Render(mn.Controls):
 # -- planning: jobs x seeds -> renders, keys, statuses, shards --------------------------------
 
 RENDER_KEY_VERSION = 1
-STATUSES = ("todo", "skip", "rerender")  # new, already done, outputs of other settings exist
+# new, already done, outputs of other settings exist, a keeper whose settings changed
+STATUSES = ("todo", "skip", "rerender", "kept")
+TO_RUN = ("todo", "rerender")
+CHANGED = "settings or model changed"
+KEPT = "kept: not re-rendered"
 
 
 def render_key(settings: dict[str, Any], fingerprint: str) -> str:
@@ -187,7 +191,7 @@ def shard_of(render: Render, n: int) -> int:
 @dataclass(frozen=True)
 class PlannedRender:
     render: Render
-    status: str  # todo | skip | rerender
+    status: str  # todo | skip | rerender | kept
     reason: str = ""
     est_minutes: float = 0.0
 
@@ -210,7 +214,12 @@ class Plan:
 
     @property
     def to_run(self) -> list[Render]:
-        return [p.render for p in self.items if p.status != "skip"]
+        return [p.render for p in self.items if p.status in TO_RUN]
+
+    @property
+    def kept(self) -> list[PlannedRender]:
+        """Keepers whose settings or model changed, left as they are."""
+        return [p for p in self.items if p.status == "kept"]
 
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in STATUSES}
@@ -218,7 +227,7 @@ class Plan:
             out[p.status] += 1
         return out
 
-    def minutes(self, statuses: tuple[str, ...] = ("todo", "rerender")) -> float:
+    def minutes(self, statuses: tuple[str, ...] = TO_RUN) -> float:
         return sum(p.est_minutes for p in self.items if p.status in statuses)
 
 
@@ -244,17 +253,21 @@ def _status(render: Render, is_done: Callable[[Render], bool], force: bool) -> t
     if key is None:
         return "rerender", "sidecar unreadable"
     if key != render.key:
-        return "rerender", "settings or model changed"
+        return "rerender", CHANGED
     return "rerender", "output files missing"
 
 
 def make_plan(renders: list[Render], *, is_done: Callable[[Render], bool], force: bool = False,
               only: tuple[str, ...] | list[str] = (),
-              shard: tuple[int, int] | None = None) -> Plan:
+              shard: tuple[int, int] | None = None,
+              kept: Collection[tuple[str, int]] = ()) -> Plan:
     """Statuses for the renders this run owns (after --only and --shard).
 
     `is_done` is `outputs.is_done` (passed in: outputs sits above plan in the layers).
+    `kept`: the keepers (job, seed). A keeper whose settings or model changed is never
+    re-rendered for it (status "kept") unless `force`.
     """
+    kept = set(kept)
     chosen = [r for r in renders if not only or r.job_id in only]
     if shard is not None:
         k, n = shard
@@ -262,5 +275,10 @@ def make_plan(renders: list[Render], *, is_done: Callable[[Render], bool], force
     items = []
     for r in chosen:
         status, reason = _status(r, is_done, force)
+        if (r.job_id, r.seed) in kept:
+            if status == "rerender" and reason == CHANGED and not force:
+                status, reason = "kept", f"{KEPT} ({CHANGED})"
+            elif status == "rerender":
+                reason += "; kept: the old version moves aside"
         items.append(PlannedRender(r, status, reason, est_minutes(r)))
     return Plan(items=items, excluded=len(renders) - len(chosen), shard=shard)

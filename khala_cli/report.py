@@ -1,4 +1,9 @@
-"""The run report: every planned render with what happened to it, and a summary.
+"""The run report: what the run did to each render it planned, and a summary.
+
+Takes already done (skipped) are counted in the summary, never listed: a run that renders
+nothing writes a short report however many takes the output directory holds. Listed: the
+renders the run rendered, failed or did not finish, and the keepers it left alone because
+their settings changed (`planned: "kept"`).
 
     <output_dir>/reports/run-<UTC timestamp>.json | .csv    (one pair per run)
     <output_dir>/reports/latest.json | latest.csv           (a copy of the newest)
@@ -75,9 +80,11 @@ def entry(item: PlannedRender, outcome: Any | None) -> dict[str, Any]:
                   "json": str(r.path(".json"))}
     if r.save_codes:
         done_files["codes"] = str(r.path(".codes.npy"))
-    if item.status == "skip":
+    if item.status in ("skip", "kept"):
         e.update(status="skipped", files=done_files, seconds=0.0,
                  audio_seconds=_audio_seconds(r.path(".json")))
+        if item.status == "kept":
+            e["reason"] = item.reason
         return e
     if outcome is None:
         e["error"] = "not started (the run was interrupted)"
@@ -103,21 +110,24 @@ def entry(item: PlannedRender, outcome: Any | None) -> dict[str, Any]:
 
 
 def build(plan: Plan, outcomes: list[Any], run: RunInfo) -> dict[str, Any]:
-    """The report as a JSON-able dict. Renders appear in plan order."""
+    """The report as a JSON-able dict. Renders appear in plan order; skipped ones are only
+    counted."""
     # Match by output files, not by render key: two jobs with equal settings share a key.
     by_file = {}
     for o in outcomes:
         by_file[o.render.path(".json")] = o  # the last outcome of a render wins
-    renders = [entry(item, by_file.get(item.render.path(".json"))) for item in plan.items]
+    entries = [entry(item, by_file.get(item.render.path(".json"))) for item in plan.items]
     counts = {s: 0 for s in RESULT_STATUSES}
-    for e in renders:
+    for e in entries:
         counts[e["status"]] += 1
     wall = max(0.0, (run.finished_at - run.started_at).total_seconds())
-    rendered_s = sum(e["audio_seconds"] or 0.0 for e in renders if e["status"] == "rendered")
-    all_s = sum(e["audio_seconds"] or 0.0 for e in renders
+    rendered_s = sum(e["audio_seconds"] or 0.0 for e in entries if e["status"] == "rendered")
+    all_s = sum(e["audio_seconds"] or 0.0 for e in entries
                 if e["status"] in ("rendered", "skipped"))
+    renders = [e for e in entries if e["planned"] != "skip"]
     summary = {
-        "planned": len(renders), **counts,
+        "planned": len(entries), **counts,
+        "kept_not_rerendered": len(plan.kept),
         "excluded": run.excluded,
         "audio_minutes_rendered": round(rendered_s / 60.0, 3),
         "audio_minutes_total": round(all_s / 60.0, 3),
@@ -179,6 +189,7 @@ def write(report: dict[str, Any], output_dir: str | Path, started_at: datetime,
     while (reports / f"{name}.json").exists() or (reports / f"{name}.csv").exists():
         n += 1
         name = f"{base}-{n}"
+    report = dict(report, file=f"{name}.json")  # latest*.json say which run they copy
     text_json = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     text_csv = to_csv(report)
     paths = {
@@ -207,7 +218,10 @@ def summary_table(report: dict[str, Any]):
     t.add_column("what", style="bold")
     t.add_column("value")
     t.add_row("rendered", str(s["rendered"]))
-    t.add_row("skipped (already done)", str(s["skipped"]))
+    t.add_row("skipped (already done)", str(s["skipped"] - s.get("kept_not_rerendered", 0)))
+    if s.get("kept_not_rerendered"):
+        t.add_row("kept, settings changed: not re-rendered",
+                  f"[yellow]{s['kept_not_rerendered']}[/yellow]")
     t.add_row("failed", f"[red]{s['failed']}[/red]" if s["failed"] else "0")
     if s["cancelled"]:
         t.add_row("not finished", f"[yellow]{s['cancelled']}[/yellow]")

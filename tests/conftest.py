@@ -26,19 +26,24 @@ def demo_model_dir() -> Path:
 
 @pytest.fixture
 def small_fs(tmp_path):
-    """Mount small tmpfs file systems (root only; the test skips elsewhere):
-    `small_fs(mib) -> Path`, `small_fs.read_only(path)` remounts one read-only."""
+    """Mount small tmpfs file systems (root only; the test skips elsewhere, or fails with
+    KHALA_REQUIRE_SMALL_FS=1, as .ci/run sets, so the full-disk tests never vanish):
+    `small_fs(mib, at=None) -> Path` (at: mount there instead of a new folder),
+    `small_fs.read_only(path)` remounts one read-only."""
     import subprocess
 
     mounted: list[Path] = []
 
-    def mount(mib: int) -> Path:
-        path = tmp_path / f"fs{len(mounted)}"
-        path.mkdir()
+    def mount(mib: int, at: Path | None = None) -> Path:
+        path = at or tmp_path / f"fs{len(mounted)}"
+        path.mkdir(parents=True, exist_ok=at is not None)
         proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs",
                                str(path)], capture_output=True, text=True)
         if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+            why = f"cannot mount a tmpfs here: {proc.stderr.strip()}"
+            if os.environ.get("KHALA_REQUIRE_SMALL_FS") == "1":
+                pytest.fail(f"{why} (KHALA_REQUIRE_SMALL_FS=1: the full-disk tests must run)")
+            pytest.skip(why)
         mounted.append(path)
         return path
 

@@ -50,12 +50,18 @@ def test_e2e_bench_renders_songs_of_the_exact_length_on_every_run(tmp_path, monk
     assert data["shape"]["vocab"] == [130432, 193792] and data["minutes"] == 0.02
     runs = {(r["batch"], r["residency"], r["path"]) for r in data["results"]}
     assert runs == {(b, res, "eager") for b in (1, 2) for res in ("keep_loaded", "one_shot")}
+    # the first keep_loaded run of each batch size is eager's reference; one_shot is compared
+    # with it, so its equality says something
+    refs = {(r["batch"], r["residency"]) for r in data["results"] if r["eager_reference"]}
+    assert refs == {(1, "keep_loaded"), (2, "keep_loaded")}
     for r in data["results"]:
         assert r["tokens_equal_eager"] is True
         assert r["backbone_s"] > 0 and r["superres_s"] > 0 and r["decode_s"] > 0
         assert set(r["peak_mem_gb"]) == set(r["model_peak_gb"]) == {"backbone", "superres", "decode"}
         assert r["songs_per_minute"] > 0
-        # random weights never end a song: every row decodes the whole length
+        # random weights never end a song: every row decodes the whole length, 2584 tokens a
+        # minute, and the aggregate rate counts every row's tokens
+        assert r["backbone_tokens"] == [round(2584 * 0.02)] * r["batch"]
         assert r["tokens_per_s_all"] == pytest.approx(r["batch"] * r["tokens_per_s_row"],
                                                       rel=1e-3)
     # the runner's memory model of each run (its terms: test_runner_devices): one_shot holds
@@ -65,6 +71,46 @@ def test_e2e_bench_renders_songs_of_the_exact_length_on_every_run(tmp_path, monk
                for b in (1, 2) for s in ("backbone", "superres", "decode"))
     model = tmp_path / "checkpoints" / "bench-e2e-0.02" / "model.json"
     assert json.loads(model.read_text())["demo"] is True  # random weights: noise
+
+
+@pytest.mark.slow
+def test_e2e_bench_appends_each_run_and_checks_later_runs_against_saved_eager_tokens(
+        tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    lines, eager = tmp_path / "runs.jsonl", tmp_path / "eager"
+    common = ["bench", "--e2e", "--json", "--scale", "0.02", "--minutes", "0.01", "--threads",
+              "1", "--paths", "eager", "--eager-codes", str(eager), "--results-jsonl", str(lines)]
+
+    def bench(*args: str) -> list[dict]:
+        result = CliRunner().invoke(cli, [*common, *args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["results"]
+
+    runs = bench("--batches", "1,2", "--residencies", "keep_loaded")
+    written = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert [w["figures"] for w in written] == runs  # one line per run, the run's figures
+    assert [(w["step"], w["status"], w["run"]) for w in written] == [
+        ("e2e run", "pass", f"float32 B={b} keep_loaded eager 0.01 min") for b in (1, 2)]
+    assert sorted(p.name for p in eager.iterdir()) == [
+        f"eager-float32-B{b}-0.01min-scale0.02.npy" for b in (1, 2)]
+    # a later process compares with the saved tokens: one_shot renders keep_loaded's ...
+    (later,) = bench("--batches", "1", "--residencies", "one_shot")
+    assert later["tokens_equal_eager"] is True
+    # ... and sees a reference that differs in one token
+    ref = eager / "eager-float32-B1-0.01min-scale0.02.npy"
+    codes = np.load(ref)
+    codes[0, 0, 0] = (codes[0, 0, 0] + 1) % 1024
+    np.save(ref, codes)
+    (changed,) = bench("--batches", "1", "--residencies", "one_shot")
+    assert changed["tokens_equal_eager"] is False
+    assert len(lines.read_text().splitlines()) == 4
+
+
+def test_e2e_bench_refuses_an_unknown_residency():
+    result = CliRunner().invoke(cli, ["bench", "--e2e", "--residencies", "keep_loaded,twice"])
+    assert result.exit_code == 2 and "'twice': use keep_loaded or one_shot" in result.output
 
 
 def test_gpu_check_script_is_valid_shell():

@@ -16,10 +16,10 @@ import soundfile as sf
 from click.testing import CliRunner
 
 from khala_cli import __version__, outputs
-from khala_cli import manifest as mf
 from khala_cli import plan as pl
 from khala_cli.cli import _register, cli
 from khala_cli.engine.config import ModelInfo
+from khala_cli.manifest import jobs as mf
 
 _register()
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,23 +182,107 @@ def test_render_with_everything_done_skips_and_reports(tmp_path):
     assert "nothing to render" in r.output
     latest = json.loads((tmp_path / "out" / "reports" / "latest.json").read_text())
     assert latest["summary"]["skipped"] == 3 and latest["summary"]["rendered"] == 0
-    assert [e["status"] for e in latest["renders"]] == ["skipped"] * 3
+    assert latest["renders"] == []  # counted, not listed
     assert latest["model"]["fingerprint"] == "c" * 64
     assert not (tmp_path / "out" / ".khala" / "lock").exists()  # released
 
 
-def test_sharded_render_uses_its_own_lock(tmp_path):
+def test_a_run_that_renders_nothing_writes_a_short_report(tmp_path):
+    """A no-op cron run over many takes: its report does not grow with the takes."""
+    sizes = {}
+    for n in (2, 60):
+        d = tmp_path / f"n{n}"
+        write_model_json(d / "model")
+        path = d / "jobs.yaml"
+        path.write_text("model: model\noutput_dir: out\ndefaults: {max_minutes: 0.05}\njobs:\n"
+                        f"  - {{id: one, tags: [Pop], lyrics: la, seeds: \"1-{n}\"}}\n")
+        done_takes(path)
+        r = invoke("render", path, "--devices", "cpu")
+        assert r.exit_code == 0 and "nothing to render" in r.output, r.output
+        reports = d / "out" / "reports"
+        rep = json.loads((reports / "latest.json").read_text())
+        assert rep["summary"]["skipped"] == n and rep["renders"] == []
+        sizes[n] = [(reports / f"latest.{x}").stat().st_size for x in ("json", "csv")]
+    # 58 more takes skipped; only digits differ (counts, the folder name, the wall time)
+    assert sizes[60][0] - sizes[2][0] < 64 and sizes[60][1] == sizes[2][1], sizes
+
+
+def test_shards_of_one_array_run_together_and_nothing_else_beside_them(tmp_path):
     from khala_cli.runner.lock import RunLock
 
     write_model_json(tmp_path / "model")
     path = write_manifest(tmp_path)
     done_takes(path)
     out = tmp_path / "out"
-    with RunLock(out):  # an unsharded run, or another shard, holds the directory
+    with RunLock(out, shard=(0, 8)):  # a task of an array of 8 is running
+        r = invoke("render", path, "--shard", "1/8", "--devices", "cpu")
+        assert r.exit_code == 0, r.output  # its sibling runs beside it
+        for other in (("--shard", "0/4"), ()):  # another count, or the whole directory
+            r = invoke("render", path, *other, "--devices", "cpu")
+            assert r.exit_code == 75, r.output
+            assert "(khala render, shard 0/8)" in r.output and f"pid {os.getpid()}" in r.output
+    with RunLock(out):  # an unsharded run holds it: no shard beside it
         r = invoke("render", path, "--shard", "0/2", "--devices", "cpu")
-    assert r.exit_code == 0, r.output
+        assert r.exit_code == 75, r.output
     reports = sorted(p.name for p in (out / "reports").iterdir())
-    assert "latest-shard-0-of-2.json" in reports and "latest.json" not in reports
+    assert "latest-shard-1-of-8.json" in reports and "latest.json" not in reports
+    assert not any(n.startswith(("latest-shard-0-of-4", "latest-shard-0-of-2")) for n in reports)
+
+
+def test_analyse_on_a_read_only_output_directory_exits_74_naming_it(small_fs):
+    fs = small_fs(1)
+    (fs / ".khala").mkdir()
+    small_fs.read_only(fs)
+    r = invoke("analyse", fs)  # it cannot take the lock there
+    assert r.exit_code == 74, r.output
+    assert "Read-only file system" in r.output and str(fs) in r.output
+
+
+def _other_host() -> None:
+    if subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare --uts (root) to run a process with another host name")
+
+
+def test_another_hosts_lock_is_respected_while_fresh_and_taken_over_once_silent(tmp_path):
+    from khala_cli.runner.lock import STALE_AFTER_S
+
+    _other_host()
+    write_model_json(tmp_path / "model")
+    path = write_manifest(tmp_path)
+    done_takes(path)
+    out = tmp_path / "out"
+    holder = textwrap.dedent("""
+        import sys
+        from khala_cli.runner.lock import RunLock
+        RunLock(sys.argv[1]).acquire()
+        print("GOT", flush=True)
+        sys.stdin.read()
+    """)
+    # a khala process on node-17 holds the output directory (its heartbeat thread runs)
+    node = subprocess.Popen(["unshare", "--uts", "sh", "-c",
+                             'hostname node-17 && exec "$0" -c "$1" "$2"', sys.executable,
+                             holder, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    try:
+        assert node.stdout.readline().strip() == "GOT"
+        r = invoke("render", path, "--devices", "cpu")
+        assert r.exit_code == 75, r.output
+        assert f"pid {node.pid} on host node-17" in r.output
+    finally:
+        node.kill()  # the node dies: nothing releases its lock
+        node.wait(timeout=60)
+    lock = out / ".khala" / "lock"
+    r = invoke("render", path, "--devices", "cpu")  # dead, but its heartbeat is still fresh
+    assert r.exit_code == 75, r.output
+    # the heartbeat has been silent for longer than the timeout (by the file system's clock)
+    t = lock.stat().st_mtime - 2 * 3600
+    assert 2 * 3600 > STALE_AFTER_S
+    os.utime(lock, (t, t))
+    r = invoke("render", path, "--devices", "cpu")
+    assert r.exit_code == 0, r.output
+    assert f"taking over a stale lock {lock} left by pid {node.pid} on host node-17" in r.output
+    assert "silent for 2.0 h" in r.output
+    assert not lock.exists()
 
 
 def test_parent_never_imports_torch(tmp_path):
@@ -433,3 +517,15 @@ def test_interrupt_exits_130_and_writes_the_report(tmp_path, demo_model_dir):
     assert s["rendered"] + s["cancelled"] == 3 and s["cancelled"] >= 1
     assert outputs.temp_files(tmp_path / "out") == []
     assert not (tmp_path / "out" / ".khala" / "lock").exists()
+
+
+@pytest.mark.parametrize("cmd", ["plan", "validate"])
+def test_the_demo_warning_is_said_once(tmp_path, demo_model_dir, cmd):
+    """The demo model is named as untrained noise, once, by a real process (stdout and stderr
+    together, as a terminal shows them)."""
+    args = [cmd, "jobs/demo.yaml"] + (["--output-dir", str(tmp_path)] if cmd == "plan" else [])
+    proc = subprocess.run([str(Path(sys.executable).with_name("khala")), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    both = proc.stdout + proc.stderr
+    assert both.count("untrained") == 1, both

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from khala_cli.engine import modeldir as md
+from khala_cli.engine import random_model
 from khala_cli.weights import demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +47,8 @@ def test_demo_says_it_is_untrained_noise(demo_model_dir):
 def test_tokenizer_has_the_llama31_specials_in_order(demo_model_dir):
     tok = md.load_tokenizer(demo_model_dir)
     base = 256
-    assert len(demo.LLAMA31_SPECIALS) == 256
-    for i, name in enumerate(demo.LLAMA31_SPECIALS):
+    assert len(random_model.LLAMA31_SPECIALS) == 256
+    for i, name in enumerate(random_model.LLAMA31_SPECIALS):
         assert tok.token_to_id(f"<|{name}|>") == base + i
     assert tok.token_to_id("<|finetune_right_pad_id|>") == base + 4
     assert tok.token_to_id("<|python_tag|>") == base + 10

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from khala_cli import manifest as mf
 from khala_cli.cli import _register, cli
+from khala_cli.manifest import jobs as mf
 
 _register()
 

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from khala_cli import manifest as mf
 from khala_cli.cli import _register, cli
-from khala_cli.manifest_fields import FIELDS, JOB, SETTING, SETTING_KEYS, TOP, readme_table
+from khala_cli.manifest import jobs as mf
+from khala_cli.manifest.fields import FIELDS, JOB, SETTING, SETTING_KEYS, TOP, readme_table
 
 _register()
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +30,8 @@ def one_job(**extra) -> dict:
 def test_readme_table_is_the_generated_one():
     readme = (ROOT / "README.md").read_text()
     assert readme_table() in readme, (
-        "README's manifest table differs from khala_cli/manifest_fields.py; paste the output of "
-        "python -c 'from khala_cli.manifest_fields import readme_table; print(readme_table())'")
+        "README's manifest table differs from khala_cli/manifest/fields.py; paste the output of "
+        "python -c 'from khala_cli.manifest.fields import readme_table; print(readme_table())'")
     for name, f in FIELDS.items():
         if f.where != TOP:
             assert f"| `{name}`" in readme

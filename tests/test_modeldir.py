@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from khala_cli.engine import modeldir as md
 from khala_cli.engine.codec import Codec
 from khala_cli.engine.config import CodecConfig, TransformerConfig
+from khala_cli.engine.random_model import build_tokenizer
 from khala_cli.engine.transformer import Transformer
-from khala_cli.weights.demo import build_tokenizer
 
 Q, K = 4, 16  # a small token layout: 512 text ids + 4 codebooks of 16
 

@@ -244,6 +244,39 @@ def test_a_failed_write_after_the_wav_leaves_no_done_sidecar(tmp_path, monkeypat
     assert exc.value.no_space and exc.value.path == r.path(".mp3")
     # the new WAV is in place: the old sidecar must not claim the take is done
     assert not r.path(".json").exists() and not outputs.is_done(r)
+    # and the old version is whole, aside
+    aside = tmp_path / "out" / ".khala" / "superseded" / "night-wind" / "night-wind-s1" / r.key
+    assert sorted(p.name for p in aside.iterdir()) == [
+        "night-wind-s1.json", "night-wind-s1.mp3", "night-wind-s1.wav"]
+
+
+def test_every_rerender_moves_the_old_take_aside_whole(tmp_path):
+    old = make_render(tmp_path, key="a" * 24, save_codes=True)
+    codes = np.ones((64, 10), dtype=np.int64)
+    outputs.write_take(old, tone(0.3), SR, codes=codes, info=INFO)
+    before = {s: old.path(s).read_bytes() for s in outputs.TAKE_SUFFIXES}
+    new = make_render(tmp_path, key="b" * 24, save_codes=True)  # other settings
+    outputs.write_take(new, tone(0.6), SR, codes=codes, info=INFO)
+    assert outputs.is_done(new)
+    aside = tmp_path / "out" / ".khala" / "superseded" / "night-wind" / "night-wind-s1"
+    assert {s: (aside / ("a" * 24) / f"night-wind-s1{s}").read_bytes()
+            for s in outputs.TAKE_SUFFIXES} == before
+    for _ in range(2):  # the same key again (--force): a new folder each time, none replaced
+        outputs.write_take(new, tone(0.6), SR, codes=codes, info=INFO)
+    assert sorted(p.name for p in aside.iterdir()) == ["a" * 24, "b" * 24, "b" * 24 + "-2"]
+    versions, size = outputs.superseded_usage(tmp_path / "out")
+    assert versions == 3 and size == sum(f.stat().st_size for f in aside.rglob("*.*"))
+    assert outputs.temp_files(tmp_path / "out") == []
+
+
+def test_files_left_without_a_sidecar_move_aside_too(tmp_path):
+    r = make_render(tmp_path)
+    Path(r.out_dir).mkdir(parents=True)
+    r.path(".wav").write_bytes(b"left by a crash")
+    outputs.write_take(r, tone(0.3), SR, info=INFO)
+    aside = tmp_path / "out" / ".khala" / "superseded" / "night-wind" / "night-wind-s1"
+    assert (aside / "no-sidecar" / "night-wind-s1.wav").read_bytes() == b"left by a crash"
+    assert outputs.is_done(r)
 
 
 def test_sidecar_records_sizes_and_hashes_and_is_done_compares_sizes(tmp_path):

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from khala_cli import manifest as mf
 from khala_cli import outputs
 from khala_cli import plan as pl
 from khala_cli.cli import _register, cli
 from khala_cli.engine.config import ModelInfo
+from khala_cli.manifest import jobs as mf
 
 _register()
 
@@ -106,7 +106,7 @@ def test_render_key_changes_with_every_audio_setting(project):
 def test_skip_resume_force_and_rerender(project):
     rs = renders_for(project)
     p = pl.make_plan(rs, is_done=outputs.is_done)
-    assert p.counts() == {"todo": 6, "skip": 0, "rerender": 0}
+    assert p.counts() == {"todo": 6, "skip": 0, "rerender": 0, "kept": 0}
     assert [x.reason for x in p.items] == ["new"] * 6
 
     fake_take(rs[0])
@@ -135,6 +135,47 @@ def test_skip_resume_force_and_rerender(project):
     rs[3].path(".wav").unlink()
     p = pl.make_plan(rs, is_done=outputs.is_done)
     assert p.items[3].status == "rerender" and p.items[3].reason == "output files missing"
+
+
+def test_keepers_are_not_rerendered_for_a_changed_setting(project):
+    rs = renders_for(project)
+    for r in rs[:2]:
+        fake_take(r)
+    kept = [("night-wind", 1)]
+    project.write_text(MANIFEST.format(model="model").replace("lyrics: hello", "lyrics: bye"))
+    changed = renders_for(project)
+    p = pl.make_plan(changed, is_done=outputs.is_done, kept=kept)
+    assert [(x.render.seed, x.status) for x in p.items[:2]] == [(1, "kept"), (2, "rerender")]
+    assert p.items[0].reason.startswith("kept: not re-rendered")
+    assert [x.render.seed for x in p.kept] == [1] and rs[0].key not in {r.key for r in p.to_run}
+    assert p.counts()["kept"] == 1 and p.minutes() == pytest.approx(p.minutes(("todo",)) +
+                                                                   258 / 2584)
+    forced = pl.make_plan(changed, is_done=outputs.is_done, kept=kept, force=True)
+    assert forced.items[0].status == "rerender" and "moves aside" in forced.items[0].reason
+    # unchanged keepers are simply done; keepers whose files went missing render again
+    assert pl.make_plan(rs, is_done=outputs.is_done, kept=kept).items[0].status == "skip"
+    rs[0].path(".wav").unlink()
+    assert pl.make_plan(rs, is_done=outputs.is_done, kept=kept).items[0].status == "rerender"
+
+
+def test_saving_codes_by_default_renders_nothing_again(project):
+    """Takes rendered without codes stay done now that codes are saved by default: the
+    render key does not hold save_codes, and a take needs only the codes its sidecar names."""
+    without = renders_for(project, save_codes=False)
+    for r in without:
+        fake_take(r)
+    with_codes = renders_for(project, save_codes=True)
+    assert [r.key for r in with_codes] == [r.key for r in without]
+    assert pl.make_plan(with_codes, is_done=outputs.is_done).counts()["skip"] == 6
+    res = CliRunner().invoke(cli, ["plan", str(project), "--json"])
+    assert res.exit_code == 0, res.output
+    assert {x["status"] for x in json.loads(res.output)["renders"]} == {"skip"}
+    assert mf.load(project).save_codes is True  # the default
+    project.write_text("save_codes: false\n" + project.read_text())
+    assert mf.load(project).save_codes is False
+    project.write_text(project.read_text().replace("save_codes: false", "save_codes: 'no'"))
+    with pytest.raises(mf.ManifestError, match="save_codes.*expected true or false"):
+        mf.load(project)
 
 
 def test_only_filters_jobs(project):

@@ -60,8 +60,8 @@ def test_build_report(scenario):
     tmp_path, rs, plan, outcomes = scenario
     rep = rp.build(plan, outcomes, run_info(tmp_path))
     statuses = [(e["job_id"], e["seed"], e["status"]) for e in rep["renders"]]
-    assert statuses == [("a", 1, "skipped"), ("a", 2, "rendered"), ("b", 1, "failed"),
-                        ("b", 2, "cancelled")]
+    # the take already done is counted, not listed
+    assert statuses == [("a", 2, "rendered"), ("b", 1, "failed"), ("b", 2, "cancelled")]
     s = rep["summary"]
     assert (s["planned"], s["rendered"], s["skipped"], s["failed"], s["cancelled"]) == \
         (4, 1, 1, 1, 1)
@@ -71,13 +71,12 @@ def test_build_report(scenario):
     assert s["renders_per_hour"] == 2.0
     assert s["device_busy_s"] == {"cpu:0": 125.0, "cpu:1": 5.0}
     assert s["exit_code"] == 1
-    failed = rep["renders"][2]
+    failed = rep["renders"][1]
     assert failed["error"] == "worker died (SIGKILL)" and failed["attempts"] == 3
     assert failed["device"] == "cpu:1" and failed["log"].endswith("w.log")
-    done = rep["renders"][1]
+    done = rep["renders"][0]
     assert done["files"]["wav"] == str(rs[1].path(".wav")) and done["seconds"] == 120.0
     assert done["audio_seconds"] == 9.0 and done["device"] == "cpu:0"
-    assert rep["renders"][0]["files"]["json"] == str(rs[0].path(".json"))
     assert rep["started_at"] == "2025-03-01T22:00:00Z"
     json.dumps(rep)  # JSON-able
 
@@ -85,9 +84,8 @@ def test_build_report(scenario):
 def test_renders_never_started_are_cancelled(scenario):
     tmp_path, _, plan, outcomes = scenario
     rep = rp.build(plan, outcomes[:1], run_info(tmp_path, interrupted=True))
-    assert [e["status"] for e in rep["renders"]] == ["skipped", "rendered", "cancelled",
-                                                     "cancelled"]
-    assert "interrupted" in rep["renders"][2]["error"]
+    assert [e["status"] for e in rep["renders"]] == ["rendered", "cancelled", "cancelled"]
+    assert "interrupted" in rep["renders"][1]["error"]
     assert rep["summary"]["exit_code"] == 130
 
 
@@ -118,13 +116,13 @@ def test_write_json_csv_and_latest(scenario):
     paths = rp.write(rep, tmp_path, T0)
     assert paths["json"] == tmp_path / "reports" / "run-20250301T220000Z.json"
     assert paths["csv"].name == "run-20250301T220000Z.csv"
-    assert json.loads(paths["json"].read_text()) == rep
+    assert json.loads(paths["json"].read_text()) == dict(rep, file=paths["json"].name)
     assert paths["latest_json"].read_text() == paths["json"].read_text()
     assert paths["latest_csv"].read_text() == paths["csv"].read_text()
     rows = list(csv.DictReader(paths["csv"].open()))
-    assert [r["status"] for r in rows] == ["skipped", "rendered", "failed", "cancelled"]
-    assert rows[2]["error"] == "worker died (SIGKILL)" and rows[2]["attempts"] == "3"
-    assert rows[1]["wav"].endswith("a-s2.wav") and rows[1]["audio_seconds"] == "9.0"
+    assert [r["status"] for r in rows] == ["rendered", "failed", "cancelled"]
+    assert rows[1]["error"] == "worker died (SIGKILL)" and rows[1]["attempts"] == "3"
+    assert rows[0]["wav"].endswith("a-s2.wav") and rows[0]["audio_seconds"] == "9.0"
     assert list(rows[0]) == list(rp.CSV_COLUMNS)
 
     # A second run in the same second gets its own file; latest points at it.
@@ -132,7 +130,7 @@ def test_write_json_csv_and_latest(scenario):
     paths2 = rp.write(rep2, tmp_path, T0)
     assert paths2["json"].name == "run-20250301T220000Z-2.json"
     assert json.loads(paths2["latest_json"].read_text())["summary"]["interrupted"] is True
-    assert json.loads(paths["json"].read_text()) == rep  # the first report is untouched
+    assert json.loads(paths["json"].read_text()) == dict(rep, file=paths["json"].name)  # untouched
     assert not list((tmp_path / "reports").glob(".tmp-*"))
 
 

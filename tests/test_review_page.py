@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import browser
 import numpy as np
@@ -20,7 +21,7 @@ import pytest
 
 from khala_cli import outputs
 from khala_cli.plan import Render
-from khala_cli.review import write_page
+from khala_cli.review.page import write_page
 
 SR = 44100
 pytestmark = pytest.mark.slow
@@ -62,9 +63,11 @@ def synthetic(tmp_path_factory) -> Path:
     reports.mkdir()
     failed = {"job_id": "beta", "seed": 8, "status": "failed", "error": "RuntimeError: boom",
               "log": ".khala/logs/w0.log"}
-    (reports / "run-20260101T000000Z.json").write_text(json.dumps(
-        {"started_at": "2026-01-01T00:00:00Z", "summary": {"rendered": 5, "failed": 1},
-         "renders": [failed]}))
+    report = json.dumps({"started_at": "2026-01-01T00:00:00Z", "file":
+                         "run-20260101T000000Z.json", "summary": {"rendered": 5, "failed": 1},
+                         "renders": [failed]})
+    for name in ("run-20260101T000000Z.json", "latest.json"):  # as a run writes them
+        (reports / name).write_text(report)
     write_page(root)
     return root
 
@@ -98,7 +101,8 @@ let left = audios.length;
 if (!left) done(out);
 audios.forEach((a, i) => {
   const finish = (r) => { if (out[i] === undefined) { out[i] = r; if (--left === 0) done(out); } };
-  a.addEventListener('loadedmetadata', () => finish({ok: true, duration: a.duration}));
+  a.addEventListener('loadedmetadata', () => finish({ok: true, duration: a.duration,
+                                                     src: a.currentSrc}));
   a.addEventListener('error', () => finish({ok: false, src: a.currentSrc,
                                            code: a.error && a.error.code}));
   a.preload = 'metadata';
@@ -128,11 +132,19 @@ def test_render_prints_the_page_and_every_player_loads(rendered, tmp_path):
 
 def test_page_survives_being_copied_elsewhere(rendered, tmp_path):
     out, _ = rendered
-    copy = tmp_path / "copied"
-    shutil.copytree(out, copy)
+    # copy, then copy the copy and delete the first one: links that point back to where
+    # the page was made (absolute paths) then have nothing to load
+    first, copy = tmp_path / "first", tmp_path / "copied"
+    shutil.copytree(out, first)
+    shutil.copytree(first, copy)
+    shutil.rmtree(first)
     with browser.chromium() as d:
         _open(d, copy / "reports" / "index.html")
-        assert all(r["ok"] for r in d.execute_async_script(LOAD_ALL))
+        results = d.execute_async_script(LOAD_ALL)
+    assert len(results) == len(list(copy.glob("*/*.mp3"))) == 3, results
+    assert all(r["ok"] for r in results), results
+    inside = copy.resolve().as_uri() + "/"
+    assert all(unquote(r["src"]).startswith(unquote(inside)) for r in results), results
 
 
 def _take_rows(d, job: str) -> list[tuple[int, float, bool]]:
@@ -188,7 +200,7 @@ def test_flagged_takes_carry_their_flags_in_the_page(synthetic):
 def test_keep_toggles_survive_a_reload_and_give_the_exact_command(synthetic):
     from selenium.webdriver.common.by import By
 
-    from khala_cli.keep import keep_command, write_marks
+    from khala_cli.review.keep import keep_command, write_marks
 
     write_marks(synthetic, [("alpha", 1)])
     write_page(synthetic)
@@ -220,5 +232,33 @@ def test_keep_toggles_survive_a_reload_and_give_the_exact_command(synthetic):
     args = want.split()[2:]
     res = CliRunner().invoke(cli, ["keep", *args])
     assert res.exit_code == 0, res.output
-    from khala_cli.keep import read_marks
+    from khala_cli.review.keep import read_marks
     assert read_marks(synthetic) == [("alpha", 2), ("beta", 7)]
+
+
+def test_the_copied_keep_command_quotes_ids_taken_from_sidecars(tmp_path):
+    """Ids come from sidecars on disk, which anyone may have edited: the page quotes them (and
+    the folder) exactly as keep.keep_command does, and a shell reads back only those words."""
+    from selenium.webdriver.common.by import By
+
+    from khala_cli.review.keep import keep_command
+
+    root = tmp_path / "it's out"
+    _write(root, "gamma", 1, "clean", "end_of_song", -1.0)
+    side = root / "gamma" / "gamma-s1.json"
+    weird = "gamma; touch pwned $(touch pwned2) `touch pwned3` 'q' \"d\""
+    side.write_text(json.dumps(dict(json.loads(side.read_text()), job_id=weird)))
+    page = write_page(root)
+    with browser.chromium() as d:
+        _open(d, page)
+        d.execute_script("localStorage.clear()")
+        d.refresh()
+        d.find_element(By.CSS_SELECTOR, "li.take input.keep-box").click()
+        shown = d.find_element(By.ID, "keep-cmd").get_attribute("textContent")
+        assert browser.console_errors(d) == []
+    assert shown == keep_command(str(root), [(weird, 1)], [])
+    proc = subprocess.run(["bash", "-c", 'printf "%s\\0" ' + shown], cwd=tmp_path,
+                          capture_output=True, check=True)
+    assert proc.stdout.split(b"\0")[:-1] == [w.encode() for w in (
+        "khala", "keep", str(root), f"{weird}:1")]
+    assert not any((tmp_path / f).exists() for f in ("pwned", "pwned2", "pwned3"))

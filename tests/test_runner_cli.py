@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +158,8 @@ def test_render_that_always_crashes_exits_1_and_the_others_render(tmp_path, demo
 @pytest.mark.slow
 def test_second_run_on_the_same_output_exits_75_and_writes_nothing(tmp_path, demo_model_dir):
     path = write_manifest(tmp_path, demo_model_dir, ["a"])
-    first = khala(tmp_path, str(path), "--devices", "cpu", faults="hang:a")
+    # a grace far longer than the test: only the second Ctrl-C can end this run in time
+    first = khala(tmp_path, str(path), "--devices", "cpu", "--grace", "3600", faults="hang:a")
     logs = tmp_path / "out" / ".khala" / "logs"
     wait_for(lambda: any("TEST FAULT hang:a" in p.read_text() for p in logs.glob("*.log")),
              "the first run to be busy")
@@ -177,24 +179,34 @@ def test_second_run_on_the_same_output_exits_75_and_writes_nothing(tmp_path, dem
         if "stopping" in line:
             break
     first.send_signal(signal.SIGINT)
-    _, err1 = first.communicate(timeout=300)
+    t0 = time.monotonic()
+    try:
+        _, err1 = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert time.monotonic() - t0 < 30  # at once, not after the grace period
     assert first.returncode == 130, err1
     rep = report(tmp_path)
     assert rep["summary"]["interrupted"] is True
     assert rep["renders"][0]["status"] == "cancelled"
+    assert rep["renders"][0]["error"] == "interrupted"  # not "... grace period over"
     assert_gone(workers)
     assert not (tmp_path / "out" / ".khala" / "lock").exists()
 
 
 @pytest.mark.slow
-def test_sigterm_mid_run_exits_130_with_a_report_and_no_orphans(tmp_path, demo_model_dir):
+@pytest.mark.parametrize("to", ["the parent", "every process"])
+def test_sigterm_mid_run_exits_130_with_a_report_and_no_orphans(tmp_path, demo_model_dir, to):
     path = write_manifest(tmp_path, demo_model_dir, ["a", "b", "c"])
     faults = tmp_path / "faults"
-    run = khala(tmp_path, str(path), "--devices", "cpu", faults="pause:b")
+    run = khala(tmp_path, str(path), "--devices", "cpu", "--grace", "300", faults="pause:b")
     wait_for((faults / "paused-b").exists, "the worker to reach b")
     workers = descendants(run.pid)
     assert workers
-    run.send_signal(signal.SIGTERM)
+    # every process: as Slurm and systemd stop a job, SIGTERM to each of its processes at
+    # once; the running render (b) still gets the grace period
+    for pid in (run.pid, *(workers if to == "every process" else ())):
+        os.kill(pid, signal.SIGTERM)
     seen = []
     for line in run.stderr:  # the parent says it is stopping before b may go on
         seen.append(line)
@@ -313,3 +325,143 @@ def test_a_read_only_output_directory_exits_before_rendering(tmp_path, demo_mode
     assert run.returncode == 74, err
     assert "Read-only file system" in err and str(fs) in err
     assert list(fs.iterdir()) == []
+
+
+# -- beside other runs and as a cluster stops a job ---------------------------------------------
+
+
+def _seeds_of_both_shards(tmp_path: Path, model_dir: Path) -> tuple[Path, list, list]:
+    """A manifest of one job with one seed of shard 0/2 and one of shard 1/2 (so both
+    shards write into the same job folder); the renders of each shard."""
+    from khala_cli import plan
+    from khala_cli.manifest import jobs as manifest
+    from khala_cli.weights.resolve import read_info
+
+    path = write_manifest(tmp_path, model_dir, ["a"])
+    text = path.read_text()
+    path.write_text(text.replace("seeds: [1]", f"seeds: {list(range(1, 21))}"))
+    renders = plan.build_renders(manifest.load(path), read_info(model_dir).fingerprint)
+    first = [next(r for r in renders if plan.shard_of(r, 2) == k) for k in (0, 1)]
+    path.write_text(text.replace("seeds: [1]", f"seeds: {[r.seed for r in first]}"))
+    return path, [first[0]], [first[1]]
+
+
+def test_a_shard_starting_sweeps_only_its_own_temporary_files(tmp_path, demo_model_dir):
+    from khala_cli.runner.lock import RunLock
+    from khala_cli.runner.worker import work_path
+
+    path, ours, theirs = _seeds_of_both_shards(tmp_path, demo_model_dir)
+    out = tmp_path / "out"
+    # Shard 0/2 is writing: it holds its lock, and its files are being written under
+    # temporary names in the shared job folder and in .khala/work.
+    (o,) = ours
+    being_written = [Path(o.out_dir) / f"{outputs.TMP_PREFIX}{o.stem}.wav.a1b2c3d4",
+                     work_path(out, o.key).with_name(f"{outputs.TMP_PREFIX}{o.key}.q01.npy.42")]
+    # and shard 1/2 left a half-written file of its own when it was killed long ago
+    (t,) = theirs
+    left_over = Path(t.out_dir) / f"{outputs.TMP_PREFIX}{t.stem}.mp3.zz9y8x7w"
+    for p in (*being_written, left_over):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a file")
+    with RunLock(out, shard=(0, 2)):
+        run = khala(tmp_path, str(path), "--devices", "cpu", "--shard", "1/2")
+        _, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err
+    assert all(p.read_bytes() == b"half a file" for p in being_written)  # nothing lost
+    assert not left_over.exists()
+    assert outputs.is_done(t) and not outputs.is_done(o)
+
+
+def _invoke(*args: str):
+    _register()
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_analyse_verify_fix_and_keep_refuse_during_a_render(tmp_path, demo_model_dir):
+    path = write_manifest(tmp_path, demo_model_dir, ["a", "b"])
+    faults = tmp_path / "faults"
+    out = tmp_path / "out"
+    run = khala(tmp_path, str(path), "--devices", "cpu", faults="pause:b")
+    try:
+        wait_for((faults / "paused-b").exists, "the render to be busy with b (a is written)")
+        takes = {k: v for k, v in snapshot(out).items() if not k.startswith(".khala")}
+        assert "a/a-s1.json" in takes
+        for args in (("analyse", out, "--force"), ("verify", out, "--fix"), ("keep", out, "a:1")):
+            r = _invoke(*args)
+            assert r.exit_code == 75, r.output
+            assert f"another khala run (khala render) holds {out / '.khala' / 'lock'}: pid " \
+                   f"{run.pid}" in r.output
+        assert _invoke("verify", out).exit_code == 0  # reading is fine beside a render
+        assert {k: v for k, v in snapshot(out).items() if not k.startswith(".khala")} == takes
+    finally:
+        (faults / "resume-b").touch()
+        _, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err
+    r = _invoke("analyse", out, "--force")
+    assert r.exit_code == 0 and "analysed 2 takes" in r.output, r.output
+    assert not (out / ".khala" / "lock").exists()
+
+
+def _fill(fs: Path) -> None:
+    with open(fs / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_a_full_khala_work_stops_the_run_like_a_full_output_disk(tmp_path, demo_model_dir,
+                                                                  small_fs):
+    work = small_fs(20, at=tmp_path / "out" / ".khala" / "work")
+    _fill(work)
+    path = write_manifest(tmp_path, demo_model_dir, ["a", "b", "c"])
+    run = khala(tmp_path, str(path), "--devices", "cpu")
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 74, err
+    assert "No space left on device" in err and f"{work} has 0.0 MB free" in err
+    rep = report(tmp_path)
+    st = {e["job_id"]: e for e in rep["renders"]}
+    assert st["a"]["status"] == "failed" and st["a"]["attempts"] == 1
+    assert f"cannot write {work}/" in st["a"]["error"]
+    assert st["c"]["status"] == "cancelled"  # nothing more went out into the full disk
+    assert all(e["attempts"] <= 1 for e in st.values())
+    assert rep["summary"]["exit_code"] == 74
+    assert sorted(p.name for p in work.iterdir()) == ["filler"]  # nothing half-written
+
+
+@pytest.mark.slow
+def test_shards_starting_together_convert_the_download_once(tmp_path):
+    from megatron_fixtures import write_raw_download
+
+    write_raw_download(tmp_path / "dl")
+    manifest = tmp_path / "jobs.yaml"
+    manifest.write_text("model: dl\noutput_dir: out\n"
+                        "defaults: {mode: instrumental, duration: 1, max_minutes: 0.05}\n"
+                        "jobs:\n  - id: tiny\n    tags: [Pop]\n    seeds: [1]\n")
+    runs = [khala(tmp_path, str(manifest), "--convert", "--shard", f"{k}/3", "--devices", "cpu")
+            for k in range(3)]
+    ends = [(r, *r.communicate(timeout=900)) for r in runs]
+    for r, _, err in ends:
+        assert r.returncode == 0, err
+    assert sum(err.count("converting the download") for _, _, err in ends) == 1
+    assert (tmp_path / "dl-khala" / "model.json").exists()
+    assert len(list((tmp_path / "out").rglob("*.wav"))) == 1
+
+
+def test_the_cluster_examples_end_their_grace_before_the_cluster_kills():
+    import shlex
+
+    import yaml
+
+    margin = 10  # seconds to write the report and the review page (README, signals)
+    sbatch = (ROOT / "deploy" / "slurm" / "render.sbatch").read_text()
+    words = shlex.split(next(x for x in sbatch.splitlines() if x.startswith("exec khala")))
+    slurm_kill_wait = 30  # slurm.conf's default KillWait
+    assert float(words[words.index("--grace") + 1]) + margin < slurm_kill_wait
+    job = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "render-job.yaml").read_text())
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    cmd = container["command"]
+    assert float(cmd[cmd.index("--grace") + 1]) + margin < pod["terminationGracePeriodSeconds"]

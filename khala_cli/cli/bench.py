@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from khala_cli import model_numbers as mn
 from khala_cli.cli import cli
-from khala_cli.review_bench import run
+from khala_cli.review.bench import run
 from khala_cli.runner import devices as dv
 
 # torch and the engine are imported inside the functions that run the engine benchmarks:
@@ -38,9 +40,18 @@ from khala_cli.runner import devices as dv
 @click.option("--batches", default="1,8", show_default=True, help="With --e2e: batch sizes.")
 @click.option("--paths", default=None, help="With --e2e: decode paths to run, e.g. eager,compile "
               "(default: every path the device has).")
+@click.option("--residencies", default="keep_loaded,one_shot", show_default=True,
+              help="With --e2e: residencies to run.")
+@click.option("--eager-codes", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --e2e: a folder where eager runs keep their tokens, the reference of "
+              "later runs of the other paths (which then need no eager run).")
+@click.option("--results-jsonl", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --e2e: append each run's result to this file, one JSON line, the "
+              "moment the run ends.")
 def bench(as_json: bool, device: str, threads: int | None, tiny: bool, review: bool,
           takes: int, e2e: bool, scale: float | None, minutes: float | None,
-          dtype: str | None, batches: str, paths: str | None) -> None:
+          dtype: str | None, batches: str, paths: str | None, residencies: str,
+          eager_codes: Path | None, results_jsonl: Path | None) -> None:
     """Measure the engine against naive baselines on a random mid-size model.
 
     Prints our backbone decode vs a naive decode, batch 8 vs batch 1, and super-res at the
@@ -50,7 +61,9 @@ def bench(as_json: bool, device: str, threads: int | None, tiny: bool, review: b
         _review(as_json, takes)
         return
     if e2e:
-        _e2e(as_json, device, threads, scale, minutes, dtype, batches, paths)
+        _e2e(as_json, device, threads, scale, minutes, dtype, batches, paths,
+             E2eFiles(_names(residencies, "--residencies", dv.RESIDENCIES), eager_codes,
+                      results_jsonl))
         return
     from khala_cli.engine.bench import MID, TINY, run_bench
 
@@ -93,8 +106,40 @@ def _review(as_json: bool, takes: int) -> None:
                   f"{load:.2f} s" if load is not None else "load time not measured (no Chromium)"))
 
 
+@dataclass(frozen=True)
+class E2eFiles:
+    """The e2e options that say which residencies run and where their results go."""
+
+    residencies: tuple[str, ...]
+    eager_codes: Path | None = None
+    results_jsonl: Path | None = None
+
+
+def _names(text: str, option: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise click.BadParameter(f"{(bad or [text])[0]!r}: use {' or '.join(allowed)}",
+                                 param_hint=option)
+    return names
+
+
+def append_result(path: Path, row: dict) -> None:
+    """One run's result as one JSON line, on disk before the next run starts: a bench killed
+    later keeps it."""
+    label = (f"{row['dtype']} B={row['batch']} {row['residency']} {row['path']} "
+             f"{row['minutes']:g} min")
+    line = json.dumps({"step": "e2e run", "run": label, "status": "pass",
+                       "seconds": row["wall_s"], "figures": row}, sort_keys=True)
+    with path.open("a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _e2e(as_json: bool, device: str, threads: int | None, scale: float | None,
-         minutes: float | None, dtype: str | None, batches: str, paths: str | None) -> None:
+         minutes: float | None, dtype: str | None, batches: str, paths: str | None,
+         files: E2eFiles) -> None:
     import torch
 
     from khala_cli.engine.bench_e2e import model_dir, run_e2e
@@ -110,6 +155,8 @@ def _e2e(as_json: bool, device: str, threads: int | None, scale: float | None,
 
     def log(row: dict) -> None:
         row["model_peak_gb"] = modelled_peaks(mdir, row, minutes)
+        if files.results_jsonl:
+            append_result(files.results_jsonl, row)
         if as_json:
             return
         mem = " ".join(f"{k} {v:.2f}/{row['model_peak_gb'].get(k, 0):.2f}"
@@ -130,7 +177,8 @@ def _e2e(as_json: bool, device: str, threads: int | None, scale: float | None,
     if bad:
         raise click.BadParameter(f"{bad[0]!r}: use float32, bfloat16 or both", param_hint="--dtype")
     result = run_e2e(device=device, scale=scale, minutes=minutes, dtypes=dtypes, batches=sizes,
-                     only_paths=only, log=log)
+                     residencies=files.residencies, only_paths=only,
+                     eager_dir=files.eager_codes, log=log)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
 

@@ -9,10 +9,10 @@ import click
 from rich.progress import Progress
 
 from khala_cli import exit_codes
-from khala_cli.cli import Failure, cli
+from khala_cli.catalogue.export import ExportError, ExportOptions, export
+from khala_cli.cli import Failure, cli, steps
 from khala_cli.cli.review import OUTPUT_DIR_ARG, _output_dir, review_page
-from khala_cli.export import ExportError, ExportOptions, export
-from khala_cli.keep import KeepError, apply, parse_take
+from khala_cli.review.keep import KeepError, apply, parse_take
 
 
 def _takes(values: tuple[str, ...]) -> list[tuple[str, int]]:
@@ -43,11 +43,13 @@ def keep_cmd(output_dir: Path, takes: tuple[str, ...], drop: tuple[str, ...], to
     """
     root = _output_dir(output_dir)
     only_set = {j for v in only for j in v.split(",") if j.strip()} or None
-    try:
-        marks, dropped = apply(root, _takes(takes), _takes(drop), top=top, only=only_set)
-    except KeepError as exc:
-        raise Failure(exit_codes.USAGE, f"error: {exc}") from None
-    review_page(root)
+    # Never beside a render: it could be re-rendering the very take being kept.
+    with steps.locked(root, purpose="khala keep"):
+        try:
+            marks, dropped = apply(root, _takes(takes), _takes(drop), top=top, only=only_set)
+        except KeepError as exc:
+            raise Failure(exit_codes.USAGE, f"error: {exc}") from None
+        review_page(root)
     click.echo(f"{len(marks)} keepers in {root / 'keepers.json'}"
                + (f" ({len(dropped)} dropped)" if dropped else ""))
     for j, s in marks:

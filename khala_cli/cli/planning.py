@@ -12,10 +12,10 @@ from rich.table import Table
 from khala_cli import exit_codes
 from khala_cli.cli import Failure, cli, steps
 from khala_cli.cli.display import out_console
-from khala_cli.manifest import MAX_RENDERS
-from khala_cli.manifest_checks import closest, tag_catalogue
-from khala_cli.manifest_fields import FIELDS, explain
-from khala_cli.plan import Plan
+from khala_cli.manifest.checks import closest, tag_catalogue
+from khala_cli.manifest.fields import FIELDS, explain
+from khala_cli.manifest.jobs import MAX_RENDERS
+from khala_cli.plan import STATUSES, TO_RUN, Plan
 
 MAX_RENDERS_OPTION = click.option(
     "--max-renders", type=click.IntRange(min=1), default=MAX_RENDERS, show_default=True,
@@ -83,14 +83,17 @@ def _explain(field: str) -> str:
               "or comma-separated).")
 @click.option("--shard", metavar="K/N|auto", help="Only the renders of shard K of N (K from 0; "
               "auto: from a Slurm array or a Kubernetes Indexed Job).")
-@click.option("--save-codes", is_flag=True, help="Plan as `render --save-codes` would.")
+@click.option("--save-codes/--no-save-codes", default=None, help="Plan as `render` would "
+              "with this option (default: the manifest's `save_codes`, true unless it says "
+              "false).")
 @MAX_RENDERS_OPTION
 def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path | None,
-             force: bool, only: tuple[str, ...], shard: str | None, save_codes: bool,
+             force: bool, only: tuple[str, ...], shard: str | None, save_codes: bool | None,
              max_renders: int) -> None:
     """Show what `khala render MANIFEST` would do: each render's status (todo: new;
-    rerender: its outputs are from other settings, or --force; skip: already done), and the
-    audio minutes to render. Writes nothing to the output directory."""
+    rerender: its outputs are from other settings, or --force; skip: already done; kept: a
+    keeper whose settings or model changed, not re-rendered without --force), and the audio
+    minutes to render. Writes nothing to the output directory."""
     m = steps.load_manifest(manifest, max_renders=max_renders, output_dir=output_dir,
                             model=model, quiet=as_json)
     shard_t = steps.shard(shard)
@@ -112,8 +115,12 @@ def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path 
     out.print(_plan_table(p, f"plan: {manifest} -> {m.output_dir}"))
     counts = p.counts()
     out.print(f"{len(p.items)} renders: {counts['todo']} todo, {counts['rerender']} rerender, "
-              f"{counts['skip']} skip (done); ~{p.minutes():.1f} audio minutes to render"
+              f"{counts['skip']} skip (done), {counts['kept']} kept (not re-rendered); "
+              f"~{p.minutes():.1f} audio minutes to render"
               + (f"; {p.excluded} left to other shards / --only" if p.excluded else ""))
+    note = steps.kept_note(p, m.output_dir)
+    if note:
+        out.print(note, markup=False, highlight=False)
 
 
 def _summary(p: Plan) -> dict[str, Any]:
@@ -124,19 +131,19 @@ def _summary(p: Plan) -> dict[str, Any]:
 
 def _plan_table(p: Plan, title: str) -> Table:
     t = Table(title=title, title_justify="left")
-    for col in ("job", "seeds", "todo", "rerender", "skip", "~minutes"):
+    for col in ("job", "seeds", "todo", "rerender", "skip", "kept", "~minutes"):
         t.add_column(col, justify="left" if col in ("job", "seeds") else "right")
     per_job: dict[str, dict[str, Any]] = {}
     for it in p.items:
-        row = per_job.setdefault(it.render.job_id, {"seeds": [], "todo": 0, "rerender": 0,
-                                                    "skip": 0, "min": 0.0})
+        row = per_job.setdefault(it.render.job_id, {"seeds": [], "min": 0.0,
+                                                    **dict.fromkeys(STATUSES, 0)})
         row["seeds"].append(it.render.seed)
         row[it.status] += 1
-        if it.status != "skip":
+        if it.status in TO_RUN:
             row["min"] += it.est_minutes
     for job_id, row in per_job.items():
         t.add_row(job_id, _seeds_text(row["seeds"]), str(row["todo"]), str(row["rerender"]),
-                  str(row["skip"]), f"{row['min']:.1f}")
+                  str(row["skip"]), str(row["kept"]), f"{row['min']:.1f}")
     return t
 
 

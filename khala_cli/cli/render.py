@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -23,12 +24,11 @@ from khala_cli import report as rp
 from khala_cli.cli import Failure, cli, display, steps
 from khala_cli.cli.review import review_page
 from khala_cli.engine.config import DECODE_PATHS
-from khala_cli.manifest import MAX_RENDERS, Manifest
+from khala_cli.manifest.jobs import MAX_RENDERS, Manifest
 from khala_cli.plan import Plan, est_minutes
 from khala_cli.runner import RunOptions, RunResult, run_renders
 from khala_cli.runner.devices import DeviceError
 from khala_cli.runner.events import Event, Finished
-from khala_cli.runner.lock import LockHeld, RunLock
 
 
 def _option(default: Any, *decls: str, report: bool = False, **click_kw: Any) -> Any:
@@ -48,7 +48,9 @@ class RenderOptions:
         None, "--output-dir", type=click.Path(file_okay=False, path_type=Path),
         help="Output directory instead of the manifest's `output_dir:`.")
     force: bool = _option(False, "--force", is_flag=True, report=True,
-                          help="Re-render renders that are already done.")
+                          help="Re-render renders that are already done, and kept takes whose "
+                          "settings or model changed (old versions move to "
+                          ".khala/superseded/).")
     only: tuple[str, ...] = _option(
         (), "--only", multiple=True, metavar="JOB_ID", report=True,
         help="Only these jobs (repeatable, or comma-separated).")
@@ -82,9 +84,10 @@ class RenderOptions:
         60.0, "--grace", type=click.FloatRange(min=0.0), show_default=True, metavar="SECONDS",
         report=True, help="After the first Ctrl-C / SIGTERM, how long running renders may "
         "take to finish before their workers are stopped.")
-    save_codes: bool = _option(False, "--save-codes", is_flag=True, report=True,
-                               help="Also keep each take's RVQ codes as <stem>.codes.npy "
-                               "(int16).")
+    save_codes: bool | None = _option(
+        None, "--save-codes/--no-save-codes", report=True, help="Keep each take's RVQ codes "
+        "as <stem>.codes.npy (int16), or not (default: the manifest's `save_codes`, true "
+        "unless it says false). Changes no render key: no take is rendered again for it.")
     max_renders: int = _option(
         MAX_RENDERS, "--max-renders", type=click.IntRange(min=1), show_default=True,
         help="Refuse manifests with more renders (jobs x seeds) than this.")
@@ -123,7 +126,8 @@ def render(manifest: Path, **given: Any) -> None:
     """Render every job x seed of MANIFEST that is not done yet.
 
     Resumes where the last run stopped: a take whose sidecar carries the same render key is
-    skipped; a changed setting or model re-renders it. Writes
+    skipped; a changed setting or model re-renders it, unless it is kept (`khala keep`).
+    Replaced files move to <output_dir>/.khala/superseded/. Writes
     <output_dir>/<job>/<job>-s<seed>.wav|.mp3|.json and a run report under
     <output_dir>/reports/.
     """
@@ -145,10 +149,8 @@ def run(manifest: Path, o: RenderOptions) -> int:
     if info.demo:
         steps.warn(steps.DEMO_LINE)
     _make_output_dir(m.output_dir)
-    lock_dir = m.output_dir
-    if shard is not None:
-        lock_dir = m.output_dir / ".khala" / f"shard-{shard[0]}-of-{shard[1]}"
-    with _writable(m.output_dir), _locked(lock_dir):
+    with _writable(m.output_dir), steps.locked(m.output_dir, purpose="khala render",
+                                               shard=shard, on_lost=_stop_self):
         p = steps.plan(m, info, force=o.force, only=only, shard=shard,
                        save_codes=o.save_codes)
         result = _execute(m, p, o, model_dir, n_devices, shard, manifest)
@@ -169,12 +171,8 @@ def _make_output_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise Failure(_write_code(exc), f"error: cannot create the output directory {path}: "
+        raise Failure(steps.write_code(exc), f"error: cannot create the output directory {path}: "
                       f"{exc.strerror or exc}") from None
-
-
-def _write_code(exc: OSError) -> int:
-    return exit_codes.NO_SPACE if exc.errno in outputs.NO_SPACE_ERRNOS else exit_codes.MODEL
 
 
 @contextlib.contextmanager
@@ -183,18 +181,13 @@ def _writable(out_dir: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise Failure(_write_code(exc), f"error: cannot write in {out_dir}: "
+        raise Failure(steps.write_code(exc), f"error: cannot write in {out_dir}: "
                       f"{exc.strerror or exc} ({exc.filename or out_dir})") from None
 
 
-@contextlib.contextmanager
-def _locked(lock_dir: Path) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(RunLock(lock_dir, warn=steps.warn))
-        except LockHeld as exc:
-            raise Failure(exit_codes.LOCKED, f"error: {exc}") from None
-        yield
+def _stop_self() -> None:
+    """The lock was taken from this run (it was silent too long): stop as on a SIGTERM."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _execute(m: Manifest, p: Plan, o: RenderOptions, model_dir: Path, n_devices: int,
@@ -207,6 +200,8 @@ def _execute(m: Manifest, p: Plan, o: RenderOptions, model_dir: Path, n_devices:
              f"~{p.minutes():.1f} audio minutes; output {m.output_dir}"
              + (f"; shard {shard[0]}/{shard[1]}" if shard else ""))
     _warn_disk(m.output_dir, p)
+    if note := steps.kept_note(p, m.output_dir):
+        steps.warn(note)
     _warn_faults(o)
     if not p.to_run:
         log.line("nothing to render: every planned render is already done"
@@ -298,8 +293,10 @@ def _warn_disk(output_dir: Path, p: Plan) -> None:
 
 def _no_space_text(no_space: dict, output_dir: Path, p: Plan) -> str:
     _, one = _disk_need(p)
-    return (f"the output disk refused a write: {no_space['error']}. {output_dir} has "
-            f"{max(0, _free(output_dir)) / 1e6:,.1f} MB free; one take needs about "
+    where = Path(no_space.get("path") or output_dir)  # the output disk, or .khala/work's
+    where = where if where.is_dir() else where.parent
+    return (f"the output disk refused a write: {no_space['error']}. {where} has "
+            f"{max(0, _free(where)) / 1e6:,.1f} MB free; one take needs about "
             f"{one / 1e6:,.1f} MB. No more work was handed out. Free some space (or make the "
             "folder writable) and run the same command again: takes already rendered are "
             "written without rendering them again.")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 
 from khala_cli import exit_codes
-from khala_cli.cli import Failure, cli
-from khala_cli.review import write_page
-from khala_cli.takes import NotAnOutputDir, backfill, check_output_dir, read_takes
-from khala_cli.verify import set_aside, verify
+from khala_cli.cli import Failure, cli, steps
+from khala_cli.outputs import SUPERSEDED, superseded_usage
+from khala_cli.review.page import write_page
+from khala_cli.review.takes import NotAnOutputDir, backfill, check_output_dir, read_takes
+from khala_cli.review.verify import set_aside, verify
 
 OUTPUT_DIR_ARG = click.argument("output_dir", type=click.Path(path_type=Path))
 
@@ -45,17 +47,18 @@ def analyse_cmd(output_dir: Path, force: bool) -> None:
     """
     root = _output_dir(output_dir)
     done = failed = 0
-    for take in read_takes(root):
-        if take.data is None:
-            click.echo(f"skipped {take.path}: {take.problem}", err=True)
-            continue
-        try:
-            done += backfill(take, force=force)
-        except Exception as exc:  # noqa: BLE001 - one broken take does not stop the others
-            failed += 1
-            click.echo(f"error: {take.path}: cannot measure: {type(exc).__name__}: {exc}",
-                       err=True)
-    page = review_page(root)
+    with steps.locked(root, purpose="khala analyse"):  # a render rewrites sidecars too
+        for take in read_takes(root):
+            if take.data is None:
+                click.echo(f"skipped {take.path}: {take.problem}", err=True)
+                continue
+            try:
+                done += backfill(take, force=force)
+            except Exception as exc:  # noqa: BLE001 - one broken take does not stop the others
+                failed += 1
+                click.echo(f"error: {take.path}: cannot measure: {type(exc).__name__}: {exc}",
+                           err=True)
+        page = review_page(root)
     click.echo(f"analysed {done} takes" + (f", {failed} could not be read" if failed else "")
                + (f"; review page {page}" if page else ""))
     if failed:
@@ -69,10 +72,14 @@ def report_cmd(output_dir: Path) -> None:
 
     Built from the files on disk (every sidecar, run report and shard report), so it can be
     rebuilt at any time. The page is self-contained and uses relative links: copy the whole
-    output directory and it still plays.
+    output directory and it still plays. Then says how many replaced versions of takes are
+    kept under OUTPUT_DIR/.khala/superseded/ and the space they take.
     """
-    path = write_page(_output_dir(output_dir))
-    click.echo(str(path))
+    root = _output_dir(output_dir)
+    click.echo(str(write_page(root)))
+    versions, size = superseded_usage(root)
+    click.echo(f"superseded: {versions} replaced take version{'s' if versions != 1 else ''}, "
+               f"{size / 1e6:,.1f} MB, under {root / SUPERSEDED}")
 
 
 @cli.command("verify")
@@ -85,14 +92,16 @@ def verify_cmd(output_dir: Path, fix: bool) -> None:
     Names each damaged file and exits 1 when any is damaged (0 when all are whole).
     """
     root = _output_dir(output_dir)
-    checked, damage = verify(root)
-    for d in damage:
-        click.echo(f"damaged: {d.file}: {d.problem}", err=True)
-    if fix:
-        for sidecar in sorted({d.sidecar for d in damage if d.sidecar.exists()}):
-            moved = set_aside(root, sidecar)
-            click.echo(f"set aside {sidecar} -> {moved}; the next render renders it again",
-                       err=True)
+    # --fix sets takes aside: never beside a render, which may be rewriting them.
+    with steps.locked(root, purpose="khala verify --fix") if fix else contextlib.nullcontext():
+        checked, damage = verify(root)
+        for d in damage:
+            click.echo(f"damaged: {d.file}: {d.problem}", err=True)
+        if fix:
+            for sidecar in sorted({d.sidecar for d in damage if d.sidecar.exists()}):
+                moved = set_aside(root, sidecar)
+                click.echo(f"set aside {sidecar} -> {moved}; the next render renders it "
+                           "again", err=True)
     takes = len({d.sidecar for d in damage})
     click.echo(f"verified {checked} takes: " + (f"{takes} damaged ({len(damage)} files)"
                                                 if damage else "all whole"))

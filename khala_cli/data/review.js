@@ -54,6 +54,12 @@
   function loadMarks() {
     try { return JSON.parse(localStorage.getItem(storeKey) || "{}"); } catch (e) { return {}; }
   }
+  // Python's shlex.quote, word for word: ids and the folder come from files on disk.
+  function shellQuote(s) {
+    if (s === "") return "''";
+    if (/^[A-Za-z0-9_@%+=:,.\/-]+$/.test(s)) return s;
+    return "'" + s.replace(/'/g, "'\"'\"'") + "'";
+  }
   function keepCommand() {
     const keep = [], drop = [];
     for (const box of boxes) {
@@ -65,7 +71,7 @@
     if (!keep.length && !drop.length) return "";
     const words = ["khala", "keep", bar.dataset.dir].concat(keep);
     for (const d of drop) words.push("--drop", d);
-    return words.join(" ");
+    return words.map(shellQuote).join(" ");
   }
   function showKeep() {
     const marks = {};

@@ -5,14 +5,15 @@ The model: hidden 2048, 24 layers, 32 heads, 8 KV groups, head_dim 64, ffn 5632,
 vocab sizes (130432 backbone rows, 193792 super-res rows) and the real codec (latent 128,
 192 filters, rates 8-8-8-4, stereo), built once under `checkpoints/bench-e2e-<scale>/`.
 `scale` < 1 shrinks the widths, the layer count and the codec for a CPU (the vocab sizes stay
-real). Random weights never emit end-of-song (weights/demo.py arranges it), so every song is
+real). Random weights never emit end-of-song (engine/random_model.py arranges it), so every song is
 exactly `minutes` long: 2584 backbone tokens a minute.
 
 It renders B=1 and B=8, keep_loaded and one_shot, on every decode path the device has
-(eager, compile; CUDA graphs on CUDA), and reports seconds per stage and for loading,
-backbone tokens/s per row and in all, the peak memory of each stage (CUDA: allocated; CPU:
-the process's resident set), songs per device-minute, and whether the backbone tokens equal
-eager's at the same batch size.
+(eager, compile; CUDA graphs on CUDA), batch size by batch size with eager first, and reports
+seconds per stage and for loading, backbone tokens/s per row and in all, the peak memory of
+each stage (CUDA: allocated; CPU: the process's resident set), songs per device-minute, and
+whether the backbone tokens equal eager's at the same batch size: eager's of this run, or
+those an earlier run saved in `eager_dir` (so a later run of one path needs no eager run).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 
 from khala_cli.engine.config import CodecConfig, decode_options
 from khala_cli.engine.pipeline import Pipeline, Request
+from khala_cli.engine.random_model import build_random_model, tiny_codec_config
 from khala_cli.model_numbers import TOKENS_PER_MINUTE
-from khala_cli.weights.demo import _codec_config, build_random_model
 
 REAL_SIZES = {"hidden_size": 2048, "num_layers": 24, "num_heads": 32, "num_kv_heads": 8,
               "head_dim": 64, "ffn_hidden_size": 5632}
@@ -55,7 +57,7 @@ def shape(scale: float) -> dict[str, Any]:
 def model_dir(scale: float, root: Path = Path("checkpoints")) -> Path:
     """The bench model of this scale, built on first use (random, untrained: noise)."""
     sh = shape(scale)
-    base = _codec_config()
+    base = tiny_codec_config()
     codec = CodecConfig(**{**asdict(base), **sh["codec"], "rates": (8, 8, 8, 4)})
     name = f"bench-e2e-{scale:g}"
     return build_random_model(
@@ -128,8 +130,9 @@ def one_run(mdir: Path, device: str, dtype: str | None, batch: int, residency: s
            "decode_s": round(tm["decode_s"], 2), "load_s": round(tm["load_s"], 2),
            "wall_s": round(wall, 2),
            "tokens_per_s_row": round(takes[0].backbone_tokens / max(tm["backbone_s"], 1e-9), 1),
-           "tokens_per_s_all": round(batch * takes[0].backbone_tokens
+           "tokens_per_s_all": round(sum(t.backbone_tokens for t in takes)
                                      / max(tm["backbone_s"], 1e-9), 1),
+           "backbone_tokens": [t.backbone_tokens for t in takes],
            "peak_mem_gb": {k: round(v, 2) for k, v in peaks.peaks.items()},
            "songs_per_minute": round(batch * 60.0 / wall, 3)}
     return row, [t.codes[:2] for t in takes]
@@ -138,14 +141,17 @@ def one_run(mdir: Path, device: str, dtype: str | None, batch: int, residency: s
 def run_e2e(*, device: str = "cpu", scale: float = 1.0, minutes: float = 3.0,
             dtypes: tuple[str | None, ...] = (None,), batches: tuple[int, ...] = (1, 8),
             residencies: tuple[str, ...] = ("keep_loaded", "one_shot"),
-            only_paths: tuple[str, ...] | None = None, log=None) -> dict[str, Any]:
+            only_paths: tuple[str, ...] | None = None, eager_dir: Path | None = None,
+            log=None) -> dict[str, Any]:
     dev = torch.device(device)
     mdir = model_dir(scale)
-    results, eager_codes = [], {}
+    results = []
+    eager = EagerCodes(eager_dir, f"{minutes:g}min-scale{scale:g}")
     default = "bfloat16" if dev.type == "cuda" else "float32"
+    name = str(dev if dev.type != "cuda" else torch.cuda.get_device_name(dev))
     for dtype in (d or default for d in dtypes):
-        for path in [p for p in paths(dev) if not only_paths or p in only_paths]:
-            for batch in batches:
+        for batch in batches:
+            for path in [p for p in paths(dev) if not only_paths or p in only_paths]:
                 # One short untimed render first: compilation, graph capture and first-use
                 # costs are reported as warmup_s, not mixed into the song's stages.
                 t = time.perf_counter()
@@ -153,15 +159,55 @@ def run_e2e(*, device: str = "cpu", scale: float = 1.0, minutes: float = 3.0,
                 warmup = round(time.perf_counter() - t, 2)
                 for residency in residencies:
                     row, codes = one_run(mdir, device, dtype, batch, residency, path, minutes)
-                    ref = eager_codes.setdefault((dtype, batch), codes)  # eager runs first
-                    row.update(dtype=dtype, warmup_s=warmup, tokens_equal_eager=all(
-                        bool((a == b).all()) for a, b in zip(codes, ref, strict=True)))
+                    first = path == "eager" and not eager.has(dtype, batch)
+                    row.update(dtype=dtype, minutes=minutes, device=name,
+                               device_type=dev.type, warmup_s=warmup,
+                               tokens_equal_eager=eager.compare(dtype, batch, path, codes),
+                               eager_reference=first)
                     results.append(row)
                     if log:
                         log(row)
     sh = shape(scale)
-    return {"device": str(dev if dev.type != "cuda" else torch.cuda.get_device_name(dev)),
+    return {"device": name,
             "shape": {**sh["sizes"], "vocab": list(REAL_VOCAB), **sh["codec"],
                       "scale": scale},
             "minutes": minutes, "dtypes": sorted({r["dtype"] for r in results}),
             "results": results}
+
+
+@dataclass
+class EagerCodes:
+    """Eager's backbone codes per (dtype, batch): the reference of every other run. Kept in
+    memory, and in `folder` when given (`tag` names the song length and model there)."""
+
+    folder: Path | None
+    tag: str
+    codes: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+
+    def _file(self, dtype: str, batch: int) -> Path | None:
+        return self.folder / f"eager-{dtype}-B{batch}-{self.tag}.npy" if self.folder else None
+
+    def has(self, dtype: str, batch: int) -> bool:
+        """Whether a reference for (dtype, batch) exists, in memory or in the folder."""
+        file = self._file(dtype, batch)
+        return (dtype, batch) in self.codes or (file is not None and file.exists())
+
+    def compare(self, dtype: str, batch: int, path: str, codes: list) -> bool | None:
+        """Whether `codes` equal eager's; an eager run with no reference yet becomes it.
+        None when no eager run of this batch size has been seen."""
+        mine = np.stack(codes)
+        ref = self.codes.get((dtype, batch))
+        file = self._file(dtype, batch)
+        if ref is None and file is not None and file.exists():
+            ref = self.codes[dtype, batch] = np.load(file)
+        if ref is None:
+            if path != "eager":
+                return None
+            self.codes[dtype, batch] = ref = mine
+            if file is not None:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = file.with_name(f".{file.name}.tmp")
+                with tmp.open("wb") as f:
+                    np.save(f, mine)
+                tmp.replace(file)
+        return ref.shape == mine.shape and bool((ref == mine).all())

@@ -11,7 +11,9 @@ what to skip, and holds the run lock) and returns one Outcome per render, in ord
   disk, cancels) is the policy's (policy.py): the supervisor tells it what happened and
   carries out what it decided.
 - First SIGINT/SIGTERM/SIGHUP: no new work; running waves finish within `grace` seconds; the
-  result says interrupted. Second: workers are killed at once. Workers never outlive the
+  result says interrupted. Second: workers are killed at once. Workers ignore these signals
+  (Slurm and systemd send SIGTERM to every process of a job: it must not kill them before
+  their grace); the parent kills them with SIGKILL. Workers never outlive the
   parent: killed on the way out, SIGKILLed by the kernel if the parent dies
   (PR_SET_PDEATHSIG), and they exit when their stdin closes.
 - Test-only failpoints reach the workers only from `RunOptions.test_faults` (faults.py);
@@ -47,6 +49,7 @@ from khala_cli.runner.events import (
     WorkerChanged,
 )
 from khala_cli.runner.policy import EXIT_WAIT, Device, Item, Lost, Policy, timer_kill
+from khala_cli.runner.worker import kept_path, q01_stats_path, work_path
 
 # ---------------------------------------------------------------------------------------
 # The contract (docs/DESIGN.md)
@@ -480,17 +483,23 @@ class Pool:
                          no_space=self.policy.no_space)
 
     def _sweep(self) -> None:
-        """Remove temporary files a killed earlier run left (we hold the lock: none is live),
-        and logs and saved tokens older than KEEP_DAYS (renders whose settings changed)."""
-        dirs = {Path(it.render.out_dir) for it in self.policy.items} | {self.khala_dir / "work"}
-        for d in dirs:
+        """Remove temporary files a killed earlier run left of this run's own renders (the
+        shards of an array share job folders and .khala/work: another shard's are live), and
+        logs and saved tokens older than KEEP_DAYS (renders whose settings changed)."""
+        work = self.khala_dir / "work"
+        own: dict[Path, set[str]] = {work: set()}
+        for it in self.policy.items:
+            r = it.render
+            own.setdefault(Path(r.out_dir), set()).add(r.stem)
+            q01 = work_path(self.output_dir, r.key)
+            own[work] |= {q01.name, q01_stats_path(q01).name, kept_path(self.output_dir, r).name}
+        for d, stems in own.items():
             if d.is_dir():
-                for p in temp_files(d):
+                for p in temp_files(d, stems):
                     with contextlib.suppress(OSError):
                         p.unlink()
         old = time.time() - KEEP_DAYS * 86400
-        for d, pattern in ((self.log_dir, "*.log"), (self.khala_dir / "work", "*.q01.*"),
-                           (self.khala_dir / "work", "*.take.npz")):
+        for d, pattern in ((self.log_dir, "*.log"), (work, "*.q01.*"), (work, "*.take.npz")):
             if d.is_dir():
                 for p in d.glob(pattern):
                     with contextlib.suppress(OSError):

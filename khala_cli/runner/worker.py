@@ -139,18 +139,25 @@ def q01_stats_path(path: Path) -> Path:
 
 def save_q01(path: Path, row) -> None:
     """Keep a BackboneRow: its codes (.q01.npy) and how it ended (.q01.json, written first;
-    the .npy is what counts as saved)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    the .npy is what counts as saved). OutputError (no_space set for a full or read-only
+    .khala/work) when it cannot be written; nothing half-written is left."""
     stats = q01_stats_path(path)
-    tmp = stats.with_name(f".tmp-{stats.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"ended": row.ended, "logprob_mean": row.logprob_mean}))
-    os.replace(tmp, stats)
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")  # outputs.temp_files finds it
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(row.codes, dtype=np.int64))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp_stats = stats.with_name(f".tmp-{stats.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_stats.write_text(json.dumps({"ended": row.ended, "logprob_mean": row.logprob_mean}))
+        os.replace(tmp_stats, stats)
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(row.codes, dtype=np.int64))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        for p in (tmp, tmp_stats):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        raise outputs._os_error(path, exc) from exc
 
 
 def load_q01(path: Path, codebook_size: int):
@@ -280,6 +287,13 @@ class Worker:
             traceback.print_exception(exc, file=sys.stderr)
             raise OutOfMemory(list(batch.ids.values()), f"{type(exc).__name__}: {exc}") from exc
         traceback.print_exception(exc, file=sys.stderr)
+        if isinstance(exc, outputs.OutputError) and exc.no_space:
+            # .khala/work is full or read-only (saving the backbone tokens): like a full
+            # output disk, the parent stops handing out work.
+            for r in batch.renders:
+                self._result(batch, r, "failed", error=str(exc), kept=False, no_space=True,
+                             path=str(exc.path or self.output_dir))
+            return
         for r in batch.renders:
             self._result(batch, r, "failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -433,10 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-fault-dir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    # The parent handles Ctrl-C, SIGTERM and SIGHUP for the whole run: the worker finishes
+    # its work (or the parent kills it with SIGKILL), it is never interrupted half-way through
+    # writing a take. Slurm and systemd send SIGTERM to every process of the job, workers
+    # included: ignoring it here is what gives running renders the parent's grace period.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     die_with_parent(args.parent_pid or None)
-    # The parent handles Ctrl-C and SIGTERM for the whole run: the worker finishes its work
-    # (or is killed), it is never interrupted half-way through writing a take.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     chan = Channel()
     chan.send({"type": "hello", "pid": os.getpid(), "device": args.label})
     print(f"worker pid {os.getpid()} for {args.label} ({args.residency}, {args.decode_path} "

@@ -10,7 +10,12 @@ is decoded and measured again; if it misses the target by more than TOLERANCE_LU
 ceiling, the gain and the limit are corrected and it is encoded again. Tags are written with
 mutagen. Every file is written atomically; a file at a destination khala did not write is
 never overwritten without --force; files khala wrote for keepers since dropped are removed
-(only while unchanged). No torch here.
+(only while unchanged).
+
+One DEST holds the exports of any number of output directories: each catalogue row records
+the output directory it came from (`output_dir`), and an export removes or overwrites only
+the files of its own. Every path read back from catalogue.json must stay inside DEST, and no
+file is written through a symbolic link inside DEST. No torch here.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,17 +40,17 @@ from mutagen.wave import WAVE
 
 from khala_cli import __version__
 from khala_cli.analysis import loudness_lufs, true_peak_db
-from khala_cli.keep import read_marks
-from khala_cli.names import safe_component
+from khala_cli.catalogue.names import safe_component
 from khala_cli.outputs import OutputError, atomic_path, ffmpeg_exe, write_bytes
-from khala_cli.takes import load_json, read_takes
+from khala_cli.review.keep import read_marks
+from khala_cli.review.takes import load_json, read_takes
 
 FORMATS = ("mp3", "flac", "wav")
 CATALOGUE = "catalogue.json"
 TOLERANCE_LU = 0.4  # aim inside the promised 0.5 LU
 MAX_PASSES = 5
 CSV_COLUMNS = ("file", "format", "job_id", "seed", "title", "artist", "album", "track",
-               "year", "genre", "source", "render_key", "lufs_before", "lufs_after",
+               "year", "genre", "output_dir", "source", "render_key", "lufs_before", "lufs_after",
                "true_peak_after_db", "gain_db", "limited", "bytes", "sha256")
 
 
@@ -137,20 +143,40 @@ def plan(output_dir: Path, opts: ExportOptions) -> list[Item]:
     for d in sorted(kept, key=lambda d: (numbers[d["job_id"]][0], d["job_id"], score(d))):
         track, total = numbers[d["job_id"]]
         take_no[d["job_id"]] = n = take_no.get(d["job_id"], 0) + 1
-        title = (d.get("title") or d["job_id"]) + (f" (take {n})" if n > 1 else "")
+        title = d.get("title") or d["job_id"]
         folder = Path(safe_component(d.get("artist") or "", fallback="Unknown Artist")) / \
             safe_component(d.get("album") or "", fallback="Unknown Album")
-        for fmt in opts.formats:
-            name = safe_component(f"{track:02d} {title}", suffix=f".{fmt}")
-            while (folder / name).as_posix().lower() in used:  # equal titles and tracks
-                name = safe_component(f"{track:02d} {title} ({d['job_id']})", suffix=f".{fmt}")
-                title += f" ({d['job_id']})"
+        extra, names = _unique_names(folder, f"{track:02d} {title}",
+                                     _tellers(n, d["job_id"]), opts.formats, used)
+        for fmt, name in names.items():
             used.add((folder / name).as_posix().lower())
             items.append(Item(d, d["_sidecar"], fmt, folder / name,
-                              _tags(d, title, track, total)))
+                              _tags(d, title + extra, track, total)))
     for it in items:
         it.signature = _signature(it, opts)
     return items
+
+
+def _tellers(take: int, job_id: str) -> Iterator[str]:
+    """What tells a take's name apart, in the order tried: " (take N)" for a job's later
+    takes, then the job id, then a count. Endless and all different, so a search ends."""
+    base = f" (take {take})" if take > 1 else ""
+    yield base
+    yield f"{base} ({job_id})"
+    for k in itertools.count(2):
+        yield f"{base} ({job_id} {k})"
+
+
+def _unique_names(folder: Path, text: str, tellers: Iterator[str], formats: tuple[str, ...],
+                  used: set[str]) -> tuple[str, dict[str, str]]:
+    """(the teller used, {format: file name}): the first teller whose names (one per format,
+    compared without case) are all unused. The teller is part of each name's suffix, so a long
+    title is cut before it, never the teller itself (safe_component keeps a suffix whole)."""
+    for extra in tellers:
+        names = {fmt: safe_component(text, suffix=f"{extra}.{fmt}") for fmt in formats}
+        if not any((folder / n).as_posix().lower() in used for n in names.values()):
+            return extra, names
+    raise AssertionError("unreachable: the tellers never end")
 
 
 def _source_sha(it: Item) -> str:
@@ -279,9 +305,47 @@ def tagged(data: bytes, fmt: str, tags: dict[str, str]) -> bytes:
 
 # ---- the export ------------------------------------------------------------------------
 
+def _inside(dest: Path, rel: Any, where: str) -> str:
+    """A file path read from catalogue.json, if it stays inside DEST; ExportError otherwise."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+        raise ExportError(f"{where} names {rel!r}, which is not a path inside {dest}; nothing "
+                          "was exported (fix or remove that row)")
+    root = dest.resolve()
+    target = (root / rel).resolve()
+    if target != root and root in target.parents:
+        return rel
+    raise ExportError(f"{where} names {rel!r}, which resolves outside {dest} ({target}); "
+                      "nothing was exported (fix or remove that row)")
+
+
 def _previous(dest: Path) -> dict[str, dict[str, Any]]:
+    """The rows of DEST's catalogue.json, by file; every file checked to stay inside DEST."""
     data = load_json(dest / CATALOGUE) or {}
-    return {r["file"]: r for r in data.get("files") or [] if isinstance(r, dict) and "file" in r}
+    rows = {}
+    for n, r in enumerate(data.get("files") or [], 1):
+        if isinstance(r, dict) and "file" in r:
+            who = f"{r.get('job_id')}:{r.get('seed')}"
+            rows[_inside(dest, r["file"], f"{dest / CATALOGUE}: row {n} ({who})")] = r
+    return rows
+
+
+def _link_on_the_way(dest: Path, rel: str | Path) -> Path | None:
+    """The first symbolic link inside DEST on the way to DEST/rel (DEST itself may be one)."""
+    path = dest
+    for part in Path(rel).parts:
+        path = path / part
+        if path.is_symlink():
+            return path
+    return None
+
+
+def _no_links(dest: Path, rels: list[str | Path]) -> None:
+    for rel in rels:
+        link = _link_on_the_way(dest, rel)
+        if link is not None:
+            raise ExportError(f"{link} is a symbolic link inside {dest}: an export never "
+                              f"writes through one (on the way to {rel}); nothing was "
+                              "exported")
 
 
 def _sha_file(path: Path) -> str | None:
@@ -291,16 +355,34 @@ def _sha_file(path: Path) -> str | None:
         return None
 
 
-def _in_the_way(dest: Path, items: list[Item], prev: dict[str, dict]) -> list[Path]:
-    """Existing destination files that khala did not write (or that changed since)."""
+def _owner(rec: dict[str, Any]) -> str | None:
+    """The output directory whose export wrote a row's file (None: a catalogue from before
+    khala recorded it)."""
+    return rec.get("output_dir")
+
+
+def _in_the_way(dest: Path, items: list[Item], prev: dict[str, dict], source: str) -> list[str]:
+    """Existing destination files that this source's exports did not write (or that changed
+    since), each with whose they are when khala knows."""
     bad = []
     for it in items:
         path = dest / it.rel
-        if path.exists():
-            rec = prev.get(it.rel.as_posix())
-            if rec is None or _sha_file(path) != rec.get("sha256"):
-                bad.append(path)
+        if not path.exists():
+            continue
+        rec = prev.get(it.rel.as_posix())
+        if rec is None or _sha_file(path) != rec.get("sha256"):
+            bad.append(str(path))
+        elif _owner(rec) != source:
+            whose = _owner(rec) or "an output directory that the catalogue does not name"
+            bad.append(f"{path} (exported from {whose})")
     return bad
+
+
+def _unchanged(it: Item, rec: dict[str, Any] | None, dest: Path, source: str) -> bool:
+    """This source exported this very file before, and it is still as written. A row without
+    an owner is taken over only when the file is exactly what this export would write."""
+    return bool(rec) and _owner(rec) in (source, None) and \
+        rec.get("signature") == it.signature and _sha_file(dest / it.rel) == rec.get("sha256")
 
 
 def _row(it: Item, output_dir: Path, done: dict[str, Any], data: bytes) -> dict[str, Any]:
@@ -309,6 +391,7 @@ def _row(it: Item, output_dir: Path, done: dict[str, Any], data: bytes) -> dict[
             "seed": d["seed"], "title": it.tags.get("title"), "artist": d.get("artist") or "",
             "album": d.get("album") or "", "track": int(it.tags["tracknumber"]),
             "year": d.get("year"), "genre": d.get("genre") or "",
+            "output_dir": str(output_dir.resolve()),
             "source": it.sidecar.relative_to(output_dir).as_posix(),
             "render_key": d.get("render_key"), **done, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), "signature": it.signature}
@@ -319,6 +402,7 @@ def export_one(it: Item, output_dir: Path, dest: Path, opts: ExportOptions) -> d
     audio, sr = sf.read(str(wav), dtype="float32", always_2d=True)
     data, done = loudness_matched(audio, sr, it.fmt, opts)
     data = tagged(data, it.fmt, it.tags)
+    _no_links(dest, [it.rel])  # again: a link made while the export ran
     path = dest / it.rel
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(path, data)
@@ -341,19 +425,23 @@ def _write_catalogue(dest: Path, rows: list[dict[str, Any]]) -> None:
 
 def export(output_dir: Path, dest: Path, opts: ExportOptions,
            progress: Callable[[str, int, int], None] | None = None) -> Result:
-    """Export the keepers of output_dir into dest; only what changed is written."""
+    """Export the keepers of output_dir into dest; only what changed is written. DEST may
+    hold the exports of other output directories: their files are never touched."""
+    source = str(output_dir.resolve())
     items = plan(output_dir, opts)
     prev = _previous(dest)
-    todo = [it for it in items if not (
-        (rec := prev.get(it.rel.as_posix())) and rec.get("signature") == it.signature
-        and _sha_file(dest / it.rel) == rec.get("sha256"))]
+    wanted = {it.rel.as_posix() for it in items}
+    todo = [it for it in items if not _unchanged(it, prev.get(it.rel.as_posix()), dest, source)]
+    gone = [rel for rel, rec in prev.items() if _owner(rec) == source and rel not in wanted]
+    _no_links(dest, [it.rel for it in todo] + gone + [CATALOGUE, "catalogue.csv"])
     if not opts.force:
-        bad = _in_the_way(dest, todo, prev)
+        bad = _in_the_way(dest, todo, prev, source)
         if bad:
-            raise ExportError("files that khala did not write (or that changed since) are in "
-                              "the way; nothing was exported (use --force to overwrite them):"
-                              "\n  " + "\n  ".join(str(p) for p in bad))
-    res = Result(unchanged=[prev[it.rel.as_posix()] for it in items if it not in todo])
+            raise ExportError("files that this export did not write (or that changed since) "
+                              "are in the way; nothing was exported (use --force to overwrite "
+                              "them):\n  " + "\n  ".join(bad))
+    res = Result(unchanged=[dict(prev[it.rel.as_posix()], output_dir=source)
+                            for it in items if it not in todo])
     try:
         for n, it in enumerate(todo):
             if progress:
@@ -362,20 +450,17 @@ def export(output_dir: Path, dest: Path, opts: ExportOptions,
     except OutputError as exc:
         raise ExportError(str(exc), no_space=exc.no_space) from None
     finally:
-        wanted = {it.rel.as_posix() for it in items}
-        for rel, rec in prev.items():
-            path = dest / rel
-            if rel not in wanted and _sha_file(path) == rec.get("sha256"):
-                path.unlink()
+        for rel in gone:  # this source's files of takes no longer kept, while unchanged
+            if _sha_file(dest / rel) == prev[rel].get("sha256"):
+                (dest / rel).unlink()
                 res.removed.append(rel)
-        # Still khala's: earlier files of keepers this export did not reach (it stopped).
-        rows = {rel: r for rel, r in prev.items()
-                if rel in wanted and _sha_file(dest / rel) == r.get("sha256")}
+        # Every file khala wrote that is still as written keeps its row: other sources', and
+        # this one's that the export did not reach (it stopped).
+        rows = {rel: r for rel, r in prev.items() if _sha_file(dest / rel) == r.get("sha256")}
         rows.update({r["file"]: r for r in res.unchanged + res.written})
-        rows = list(rows.values())
         if rows or prev:
             try:
-                _write_catalogue(dest, rows)
+                _write_catalogue(dest, list(rows.values()))
             except OutputError:
                 pass  # the error that stopped the export is the one to report
     return res

@@ -1,6 +1,7 @@
 """The takes on disk of an output directory: finding their sidecars and reading them back.
 
-    <output_dir>/<job_id>/<job_id>-s<seed>.json   a take's sidecar (outputs.py writes it)
+    <output_dir>/<job_id>/<job_id>-s<seed>.json   a take's sidecar (outputs.py writes it);
+                                                  the only files read as takes
     <output_dir>/reports/                         run reports and the review page
     <output_dir>/.khala/                          lock, logs, work files
 
@@ -9,7 +10,9 @@ No torch here.
 
 from __future__ import annotations
 
+import glob
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +21,8 @@ import numpy as np
 import soundfile as sf
 
 from khala_cli.analysis import analyse
-from khala_cli.outputs import TMP_PREFIX, read_sidecar, write_json
-
-NOT_JOB_DIRS = ("reports",)
+from khala_cli.manifest.jobs import ID_RE, RESERVED_IDS
+from khala_cli.outputs import read_sidecar, write_json
 
 
 class NotAnOutputDir(Exception):
@@ -41,13 +43,18 @@ class TakeFile:
 
 
 def sidecar_paths(output_dir: Path) -> list[Path]:
-    """Every take sidecar under output_dir, job folder by job folder, sorted."""
+    """Every take sidecar under output_dir, job folder by job folder, sorted.
+
+    Only where takes live: <job_id>/<job_id>-s<seed>.json, in a folder named as a job id can
+    be. Anything else (an export inside the output directory and its catalogue.json,
+    keepers.json, reports/, .khala/) is khala's own or the user's, never a take."""
     found = []
     for job in sorted(p for p in output_dir.iterdir() if p.is_dir()):
-        if job.name.startswith(".") or job.name in NOT_JOB_DIRS:
+        if not ID_RE.fullmatch(job.name) or job.name in RESERVED_IDS:
             continue
-        found += sorted(p for p in job.glob("*.json") if not p.name.startswith(TMP_PREFIX)
-                        and not p.name.startswith("."))
+        name = re.compile(rf"{re.escape(job.name)}-s\d+\.json")
+        found += sorted(p for p in job.glob(f"{glob.escape(job.name)}-s*.json")
+                        if name.fullmatch(p.name))
     return found
 
 
@@ -122,3 +129,12 @@ def load_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def latest_reports(output_dir: Path) -> list[dict[str, Any]]:
+    """The newest run report of each shard (reports/latest.json, latest-shard-K-of-N.json),
+    oldest first: all that the page and `keep` read of the reports, never every run's."""
+    found = [d for p in sorted((Path(output_dir) / "reports").glob("latest*.json"))
+             if (d := load_json(p)) and isinstance(d.get("summary"), dict)]
+    return sorted(found, key=lambda d: str(d.get("started_at") or ""))
+

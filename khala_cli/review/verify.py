@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from khala_cli.takes import TakeFile, read_takes
+from khala_cli.review.takes import TakeFile, read_takes
 
 DAMAGED_DIR = Path(".khala") / "damaged"
 

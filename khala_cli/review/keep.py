@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from khala_cli.outputs import write_bytes
-from khala_cli.takes import TakeFile, load_json, read_takes
+from khala_cli.review.takes import TakeFile, latest_reports, load_json, read_takes
 
 KEEPERS = "keepers.json"
 TAKE_RE = re.compile(r"^(?P<job>[a-z0-9][a-z0-9._-]*):(?P<seed>\d+)$")
@@ -61,8 +61,8 @@ def takes_of(output_dir: Path) -> Takes:
         if _files_exist(t):
             rendered[(str(t.data["job_id"]), int(t.data["seed"]))] = dict(t.data, _path=t.path)
     failed = set()
-    for p in sorted((output_dir / "reports").glob("run-*.json")):
-        for e in (load_json(p) or {}).get("renders") or []:
+    for report in latest_reports(output_dir):
+        for e in report.get("renders") or []:
             jobs.add(str(e.get("job_id")))
             if e.get("status") in ("failed", "cancelled"):
                 failed.add((str(e.get("job_id")), int(e.get("seed", -1))))

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from khala_cli.manifest_yaml import MarkedDict, item_lines, line_of
+from khala_cli.manifest.yaml_lines import MarkedDict, item_lines, line_of
 from khala_cli.model_numbers import SEED_RANGE
 
 
@@ -167,6 +167,14 @@ def text(at: At, v: Any, allow_empty: bool = True) -> str | None:
         at.error("must not be empty")
         return None
     return v
+
+
+def boolean(at: At, v: Any) -> bool | None:
+    """true or false (YAML's own booleans; no "yes" strings)."""
+    if isinstance(v, bool):
+        return v
+    at.error(f"expected true or false, got {type_name(v)}")
+    return None
 
 
 def choice(at: At, v: Any, choices: tuple[str, ...]) -> str | None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from khala_cli.analysis import FRAME_RATE, analyse
-from khala_cli.review import write_page
+from khala_cli.review.page import write_page
 
 # selenium is imported where the page's load time is measured: it is an optional (dev)
 # dependency, and without it the bench skips that measurement.

@@ -2,9 +2,10 @@
 
     <output_dir>/reports/index.html
 
-Built from what is on disk (every sidecar, every run and shard report), so shards that
-finish at different times all appear. No server, no CDN: the CSS and JS are inlined and
-every link is relative, so the folder can be copied anywhere and the page still plays.
+Built from what is on disk (every sidecar, and the latest report of each shard, never every
+report ever written), so shards that finish at different times all appear. No server, no
+CDN: the CSS and JS are inlined and every link is relative, so the folder can be copied
+anywhere and the page still plays.
 Players use preload="none" and waveforms are drawn only when they scroll into view, so a
 page of 10,000 takes opens in seconds. No torch here.
 """
@@ -12,7 +13,6 @@ page of 10,000 takes opens in seconds. No torch here.
 from __future__ import annotations
 
 import html
-import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
@@ -21,9 +21,9 @@ from typing import Any
 from urllib.parse import quote
 
 from khala_cli import __version__
-from khala_cli.keep import read_marks
-from khala_cli.outputs import atomic_path
-from khala_cli.takes import TakeFile, check_output_dir, load_json, read_takes
+from khala_cli.outputs import atomic_path, superseded_usage
+from khala_cli.review.keep import read_marks
+from khala_cli.review.takes import TakeFile, check_output_dir, latest_reports, read_takes
 
 PAGE = "index.html"
 
@@ -51,25 +51,10 @@ def sort_key(take: dict[str, Any]) -> tuple:
     return (score is None, -(score or 0.0), take.get("seed", 0))
 
 
-def run_reports(reports: Path) -> list[dict[str, Any]]:
-    """Every run report (run-*.json), oldest first; unreadable ones are left out."""
-    out = []
-    for p in sorted(reports.glob("run-*.json")):
-        data = load_json(p)
-        if data and isinstance(data.get("summary"), dict):
-            data["_file"] = p.name
-            out.append(data)
-    return out
-
-
-def latest_reports(reports: Path) -> list[dict[str, Any]]:
-    """The newest report of each shard (latest.json, latest-shard-K-of-N.json)."""
-    return [d for p in sorted(reports.glob("latest*.json"))
-            if (d := load_json(p)) and isinstance(d.get("summary"), dict)]
-
-
 def gather(output_dir: Path) -> tuple[list[JobView], list[TakeFile], list[dict[str, Any]]]:
-    """(jobs with their takes sorted, unreadable sidecars, run reports oldest first)."""
+    """(jobs with their takes sorted, unreadable sidecars, the latest report of each shard,
+    oldest first). Failed renders come from those reports: a failure that a later run of
+    the same shard rendered, or tried again, is not shown."""
     jobs: dict[str, JobView] = {}
     unreadable = []
     on_disk = set()
@@ -80,12 +65,12 @@ def gather(output_dir: Path) -> tuple[list[JobView], list[TakeFile], list[dict[s
         d = dict(t.data, _dir=t.path.parent.name)
         jobs.setdefault(str(d["job_id"]), JobView(str(d["job_id"]))).takes.append(d)
         on_disk.add((str(d["job_id"]), d.get("seed")))
-    runs = run_reports(output_dir / "reports")
+    runs = latest_reports(output_dir)
     last: dict[tuple, dict[str, Any]] = {}
     for run in runs:
         for e in run.get("renders") or []:
             if e.get("status") in ("rendered", "failed"):
-                last[(str(e.get("job_id")), e.get("seed"))] = dict(e, _run=run["_file"])
+                last[(str(e.get("job_id")), e.get("seed"))] = dict(e, _run=_report_name(run))
     for (job, seed), e in sorted(last.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         if e["status"] == "failed" and (job, seed) not in on_disk:
             jobs.setdefault(job, JobView(job)).failed.append(e)
@@ -94,10 +79,16 @@ def gather(output_dir: Path) -> tuple[list[JobView], list[TakeFile], list[dict[s
     return sorted(jobs.values(), key=lambda j: j.job_id), unreadable, runs
 
 
-def summary(jobs: list[JobView], output_dir: Path) -> dict[str, Any]:
-    """What the top of the page says: takes on disk, failures, and the latest runs."""
+def _report_name(run: dict[str, Any]) -> str:
+    return str(run.get("file") or run.get("started_at") or "")
+
+
+def summary(jobs: list[JobView], latest: list[dict[str, Any]], output_dir: Path
+            ) -> dict[str, Any]:
+    """What the top of the page says: takes on disk, failures, the latest run of each shard,
+    and the versions moved aside."""
     takes = [t for j in jobs for t in j.takes]
-    latest = latest_reports(output_dir / "reports")
+    superseded, superseded_bytes = superseded_usage(output_dir)
     busy: dict[str, float] = {}
     for r in latest:
         for dev, s in (r["summary"].get("device_busy_s") or {}).items():
@@ -114,6 +105,8 @@ def summary(jobs: list[JobView], output_dir: Path) -> dict[str, Any]:
         "renders_per_hour": round(rendered / (wall / 3600.0), 1) if wall > 0 else None,
         "device_busy_s": busy,
         "demo": any((t.get("model") or {}).get("demo") for t in takes),
+        "superseded": superseded, "superseded_bytes": superseded_bytes,
+        "run_reports": len(list((output_dir / "reports").glob("run-*.json"))),
     }
 
 
@@ -218,17 +211,20 @@ def summary_html(s: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     cells = [("takes on disk", s["takes"]), ("flagged", s["flagged"]),
              ("failed", s["failed"]), ("audio", f"{s['audio_minutes']:.1f} min"),
              ("rendered in the last run", s["last_run_rendered"]),
-             ("renders per hour (last run)", rate), ("device busy (last run)", busy)]
+             ("renders per hour (last run)", rate), ("device busy (last run)", busy),
+             ("superseded (moved aside)", f"{s['superseded']} takes, "
+              f"{s['superseded_bytes'] / 1e6:.1f} MB")]
     dl = "".join(f"<div><dt>{_e(k)}</dt><dd>{v if k == 'device busy (last run)' else _e(v)}"
                  "</dd></div>" for k, v in cells)
     run_rows = "".join(
         f"<tr><td>{_e(r.get('started_at'))}</td><td>{_e(r.get('shard') or '')}</td>"
         f"<td>{_e(r['summary'].get('rendered'))}</td><td>{_e(r['summary'].get('failed'))}</td>"
         f"<td>{_e(r['summary'].get('audio_minutes_rendered'))}</td>"
-        f"<td>{_e(r['summary'].get('renders_per_hour'))}</td><td>{_e(r['_file'])}</td></tr>"
-        for r in reversed(runs))
-    runs_html = (f'<details><summary>{len(runs)} run{"s" if len(runs) != 1 else ""} '
-                 '</summary><table class="runs"><thead><tr>'
+        f"<td>{_e(r['summary'].get('renders_per_hour'))}</td><td>{_e(_report_name(r))}</td>"
+        "</tr>" for r in reversed(runs))
+    n = s["run_reports"]
+    runs_html = (f'<details><summary>the latest run of each shard ({n} run report'
+                 f'{"s" if n != 1 else ""} in reports/)</summary><table class="runs"><thead><tr>'
                  "<th>started</th><th>shard</th><th>rendered</th><th>failed</th>"
                  "<th>audio min</th><th>renders/h</th><th>report</th></tr></thead><tbody>"
                  f"{run_rows}</tbody></table></details>") if runs else ""
@@ -241,7 +237,7 @@ def _asset(name: str) -> str:
 
 def page_html(output_dir: Path) -> str:
     jobs, unreadable, runs = gather(output_dir)
-    s = summary(jobs, output_dir)
+    s = summary(jobs, runs, output_dir)
     demo = ('<p class="banner">Takes marked "noise" come from the demo model, which is tiny '
             "and untrained: they are noise, not music.</p>") if s["demo"] else ""
     bad = "".join(f"<li>{_e(t.path.relative_to(output_dir))}: {_e(t.problem)}</li>"
@@ -250,7 +246,7 @@ def page_html(output_dir: Path) -> str:
         if bad else ""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     kept = set(read_marks(output_dir))
-    keep_bar = (f'<div id="keep-bar" data-dir="{_e(shlex.quote(str(output_dir)))}">'
+    keep_bar = (f'<div id="keep-bar" data-dir="{_e(output_dir)}">'
                 f'<span id="kept-count">{len(kept)} kept</span>'
                 '<code id="keep-cmd"></code><button id="copy-keep" type="button">copy</button>'
                 '<span id="copied"></span></div>')

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from khala_cli.manifest_checks import (  # noqa: F401 - the manifest's results, re-exported
+from khala_cli.manifest.checks import (  # noqa: F401 - the manifest's results, re-exported
     At,
     Checker,
     Issue,
@@ -35,8 +35,8 @@ from khala_cli.manifest_checks import (  # noqa: F401 - the manifest's results, 
     type_name,
     unknown_keys,
 )
-from khala_cli.manifest_fields import FIELDS, JOB_KEYS, SETTING_KEYS, TOP_KEYS, check_settings
-from khala_cli.manifest_yaml import MarkedDict, item_lines, parse, syntax_error
+from khala_cli.manifest.fields import FIELDS, JOB_KEYS, SETTING_KEYS, TOP_KEYS, check_settings
+from khala_cli.manifest.yaml_lines import MarkedDict, item_lines, parse, syntax_error
 from khala_cli.model_numbers import (  # noqa: F401 - MAX_NEW_TOKENS re-exported
     DEFAULT_DURATION,
     DEFAULT_TEMPERATURE,
@@ -98,6 +98,7 @@ class Manifest:
     model_base: Path  # the manifest's folder, or the current directory for --model
     output_dir: Path  # absolute
     jobs: list[Job]
+    save_codes: bool = True  # `save_codes:`; render --save-codes/--no-save-codes overrides
     warnings: list[Issue] = field(default_factory=list)
     model_line: int = 0
 
@@ -144,6 +145,7 @@ def load(path: str | Path, *, max_renders: int = MAX_RENDERS,
     unknown_keys(top, doc, TOP_KEYS)
     model_ref, model_base, model_line = _model(top, doc, path, model)
     out = _output_dir(top, doc, path, output_dir)
+    save_codes = _save_codes(top, doc)
     defaults = _defaults(top, doc)  # checked once, where they are written
     jobs = _jobs(top, doc, defaults, path)
     total = sum(len(j.seeds) for j in jobs)
@@ -155,7 +157,8 @@ def load(path: str | Path, *, max_renders: int = MAX_RENDERS,
         raise ck.fail()
     assert out is not None
     return Manifest(path=path, model=model_ref, model_base=model_base, output_dir=out,
-                    jobs=jobs, warnings=ck.warnings, model_line=model_line)
+                    jobs=jobs, save_codes=save_codes, warnings=ck.warnings,
+                    model_line=model_line)
 
 
 def _read(ck: Checker, path: Path) -> MarkedDict:
@@ -209,6 +212,13 @@ def _output_dir(top: At, doc: MarkedDict, path: Path, override: str | Path | Non
         return (path.parent / "out" / (slugify(path.stem) or "run")).resolve()
     got = FIELDS["output_dir"].check(top.key(doc, "output_dir"), doc["output_dir"])
     return (path.parent / Path(got).expanduser()).resolve() if got else None
+
+
+def _save_codes(top: At, doc: MarkedDict) -> bool:
+    if "save_codes" not in doc:
+        return FIELDS["save_codes"].default
+    got = FIELDS["save_codes"].check(top.key(doc, "save_codes"), doc["save_codes"])
+    return FIELDS["save_codes"].default if got is None else got
 
 
 def _defaults(top: At, doc: MarkedDict) -> dict[str, Any]:

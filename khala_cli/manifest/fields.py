@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from khala_cli import manifest_checks as chk
 from khala_cli import model_numbers as mn
+from khala_cli.manifest import checks as chk
 
 TOP = "top"  # the manifest's top level
 JOB = "job"  # one job only
@@ -19,7 +19,7 @@ WHERE_TEXT = {TOP: "the top level", JOB: "a job", SETTING: "a job or `defaults`"
 KIND_TEXT = {"whole": "a whole number", "number": "a number", "text": "text",
              "choice": "one of the choices", "seeds": "seeds (a list, a range or from/count)",
              "tags": "a list of tags, or text with commas", "mapping": "a mapping",
-             "list": "a list"}
+             "list": "a list", "bool": "true or false"}
 MD_BAR = " \\| "  # a "|" inside a Markdown table cell
 PROMPT_HINT = "; defaults hold settings only, give prompts per job"
 
@@ -30,7 +30,7 @@ class Field:
 
     name: str
     where: str  # TOP, JOB or SETTING
-    kind: str  # whole | number | text | choice | seeds | tags | mapping | list
+    kind: str  # whole | number | text | choice | seeds | tags | mapping | list | bool
     help: str
     default: Any = None  # the value a job gets when the key is absent
     limits: tuple[float, float] | None = None  # whole/number: inclusive range
@@ -73,6 +73,7 @@ CHECKS: dict[str, Callable[[Field, chk.At, Any], Any]] = {
     "choice": lambda f, at, v: chk.choice(at, v, f.choices),
     "seeds": lambda f, at, v: chk.seeds(at, v),
     "tags": lambda f, at, v: chk.tags(at, v),
+    "bool": lambda f, at, v: chk.boolean(at, v),
 }
 
 _LYRICS_RULE = "one or the other"
@@ -135,6 +136,9 @@ _TOP = (
           rule="required unless --model is given", strip=True, required=True),
     Field("output_dir", TOP, "text", "where the takes go, relative to the manifest", None,
           rule="default out/<manifest name>", required=True, strip=True),
+    Field("save_codes", TOP, "bool", "keep each take's RVQ codes (`<stem>.codes.npy`, int16) "
+          "beside its audio, so it can be decoded again; `false` opts out (as does "
+          "`render --no-save-codes`)", True, rule="default true"),
     Field("defaults", TOP, "mapping", "settings every job gets unless it sets its own", None,
           rule="the fields marked *"),
     Field("jobs", TOP, "list", "the jobs to render, in order", None, rule="required"),
