@@ -31,14 +31,57 @@ def stems(wave) -> list[list[str]]:
     return [[it.render.stem for it in b] for b in wave]
 
 
-def test_a_batch_holds_seeds_of_one_job_up_to_the_batch_size():
-    p = policy({"a": [1, 2, 3], "b": [1]}, batch=2)
+def test_a_batch_holds_a_jobs_seeds_first_then_other_songs_up_to_the_batch_size():
+    p = policy({"a": [1, 2, 3], "b": [1], "c": [4, 5]}, batch=2)
     dev = p.devices[0]
     assert stems(p.next_wave(dev)) == [["a-s1", "a-s2"]]
-    assert stems(p.next_wave(dev)) == [["a-s3"]]
-    assert stems(p.next_wave(dev)) == [["b-s1"]]
+    assert stems(p.next_wave(dev)) == [["a-s3", "b-s1"]]  # a's last seed beside another song
+    assert stems(p.next_wave(dev)) == [["c-s4", "c-s5"]]
     assert p.next_wave(dev) == []
     assert all(it.state is State.RUNNING and it.attempts == 1 for it in p.items)
+
+
+def test_a_catalogue_packs_different_songs_into_full_batches():
+    songs = {f"song{i:02d}": [1] for i in range(16)}
+    p = policy(songs, batch=8)
+    dev = p.devices[0]
+    first, second = p.next_wave(dev), p.next_wave(dev)
+    assert stems(first) == [[f"song{i:02d}-s1" for i in range(8)]]
+    assert stems(second) == [[f"song{i:02d}-s1" for i in range(8, 16)]]
+    assert p.next_wave(dev) == [] and all(it.batch_len == 8 for it in p.items)
+    # a sweep in the middle of a catalogue keeps its seeds together, in manifest order
+    mixed = policy({"x": [1], "sweep": [1, 2, 3, 4, 5], "y": [1], "z": [1]}, batch=4)
+    assert stems(mixed.next_wave(mixed.devices[0])) == [["x-s1", "sweep-s1", "sweep-s2",
+                                                        "sweep-s3"]]
+    assert stems(mixed.next_wave(mixed.devices[0])) == [["sweep-s4", "sweep-s5", "y-s1",
+                                                        "z-s1"]]
+    # two devices: each takes at most a fair share of what is pending when it asks
+    two = policy(songs, devices=2, batch=8)
+    assert [len(b) for b in two.next_wave(two.devices[0])] == [8]
+    assert [len(b) for b in two.next_wave(two.devices[1])] == [4]
+    # one_shot: several batches of songs in one wave
+    shot = policy(songs, batch=4, residency="one_shot")
+    assert [len(b) for b in shot.next_wave(shot.devices[0])] == [4, 4, 4, 4]
+
+
+def test_out_of_memory_in_a_mixed_batch_halves_it_and_every_song_renders_once():
+    p = policy({f"s{i}": [1] for i in range(8)}, batch=8, retries=0)
+    dev = p.devices[0]
+    (batch,) = p.next_wave(dev)
+    assert len(batch) == 8
+    p.worker_lost(Lost(dev, batch, ready=True, reason="oom", log="l",
+                       oom={"ids": [it.id for it in batch], "error": "CUDA out of memory"}))
+    assert all(it.state is State.PENDING and it.batch_limit == 4 for it in p.items)
+    halves = [p.next_wave(dev), p.next_wave(dev)]
+    assert [stems(w) for w in halves] == [[[f"s{i}-s1" for i in range(4)]],
+                                          [[f"s{i}-s1" for i in range(4, 8)]]]
+    for w in halves:
+        for it in w[0]:
+            p.rendered(it, 1.0, {})
+    assert p.next_wave(dev) == [] and not p.active()
+    assert sorted(it.render.stem for it in p.take_finished()) == sorted(
+        f"s{i}-s1" for i in range(8))  # each once
+    assert all(it.attempts == 2 and it.failures == 0 for it in p.items)
 
 
 def test_one_shot_waves_hold_several_batches_and_two_devices_share_fairly():

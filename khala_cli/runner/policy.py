@@ -108,9 +108,12 @@ class Policy:
         return not self.stopping and self.no_space is None
 
     def next_wave(self, dev: Device) -> list[list[Item]]:
-        """The next wave for a device: batches of one job's seeds, each at most the device's
-        batch size (or an item's smaller limit), one batch (several in one_shot), and no
-        more than a fair share of what is pending. The items become RUNNING."""
+        """The next wave for a device: batches of up to the device's batch size (or an item's
+        smaller limit), packed from the whole queue in manifest order: a batch starts with
+        the first pending render and its job's other pending seeds (a sweep stays
+        together), then takes any other pending renders (other songs: the engine decodes
+        rows of different songs together). One batch (several in one_shot), and no more
+        than a fair share of what is pending. The items become RUNNING."""
         pending = self.pending()
         if not pending or not self.handing_out():
             return []
@@ -127,12 +130,11 @@ class Policy:
             limit = min(dev.batch_size, first.batch_limit or dev.batch_size, max(1, fair - count))
             batch = [first]
             taken.add(first.id)
-            for other in pending:
+            group = first.render.batch_group
+            for other in sorted(pending, key=lambda o: o.render.batch_group != group):
                 if len(batch) >= limit:
                     break
-                if other.id in taken or other.render.batch_group != first.render.batch_group:
-                    continue
-                if (other.batch_limit or limit) < limit:
+                if other.id in taken or (other.batch_limit or limit) < limit:
                     continue
                 batch.append(other)
                 taken.add(other.id)
