@@ -262,6 +262,7 @@ def sidecar(render: Render, *, sample_rate: int, channels: int, samples: int,
                   "seconds": round(samples / float(sample_rate), 3)},
         "tokens": dict(info.get("tokens") or {}),
         "timings": dict(info.get("timings") or {}),
+        "batch": dict(info.get("batch") or {}),  # size, mates, songs: who shared the timings
         "device": info.get("device"),
         "khala_version": __version__,
         "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

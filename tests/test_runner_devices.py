@@ -191,7 +191,7 @@ def test_the_memory_model_of_the_full_size_model_from_its_formula():
 def test_peak_is_the_busiest_stage_plus_what_stays_resident():
     one = needs(REAL, "one_shot", 4)
     assert one == max(REAL.stage_bytes["backbone"] + 4 * REAL.kv_row_bytes,
-                      REAL.stage_bytes["superres"] + 4 * REAL.superres_row_bytes,
+                      REAL.stage_bytes["superres"] + REAL.superres_row_bytes,  # a row at a time
                       REAL.stage_bytes["codec"] + REAL.codec_window_bytes) + HEADROOM
     assert needs(REAL, "keep_loaded", 4) > one
 
@@ -199,7 +199,7 @@ def test_peak_is_the_busiest_stage_plus_what_stays_resident():
 def test_stage_peaks_add_rows_and_resident_weights():
     one, two = REAL.stage_peaks("keep_loaded", 1), REAL.stage_peaks("keep_loaded", 2)
     assert two["backbone"] - one["backbone"] == REAL.kv_row_bytes
-    assert two["superres"] - one["superres"] == REAL.superres_row_bytes
+    assert two["superres"] == one["superres"]  # super-res runs one row at a time
     assert two["codec"] == one["codec"] == REAL.all_bytes + REAL.codec_window_bytes
     shot = REAL.stage_peaks("one_shot", 1)
     assert shot["superres"] == REAL.stage_bytes["superres"] + REAL.superres_row_bytes
@@ -254,3 +254,15 @@ def test_decode_path_overrides_are_checked_against_the_devices(demo_model_dir: P
         plan_devices("cpu", demo_model_dir, decode_path="cuda_graphs")
     with pytest.raises(DeviceError, match="--decode-path fast: expected one of eager, compile"):
         plan_devices("cpu", demo_model_dir, decode_path="fast")
+
+
+def test_a_mixed_batch_is_sized_by_its_longest_row(demo_model_dir: Path):
+    from khala_cli.runner.devices import batch_needs
+
+    rows = [1000, 23552, 300]  # three songs: the second runs to the cap
+    longest = model_footprint(demo_model_dir, tokens=23552)
+    assert batch_needs(demo_model_dir, "keep_loaded", rows) == needs(longest, "keep_loaded", 3)
+    assert batch_needs(demo_model_dir, "keep_loaded", rows) > batch_needs(
+        demo_model_dir, "keep_loaded", [1000, 300, 300])
+    # the default batch size is made for rows at the cap: any mix of songs fits it
+    assert model_footprint(demo_model_dir).kv_row_bytes == longest.kv_row_bytes

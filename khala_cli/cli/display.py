@@ -59,8 +59,18 @@ def _rate(ev: Progress, unit: str) -> str:
     return f" {ev.tokens_per_s:.1f} {unit}" if ev.tokens_per_s else ""
 
 
-def _seeds(seeds: tuple[int, ...]) -> str:
-    return ",".join(str(s) for s in seeds)
+def takes_label(takes: list[tuple[str, int]], most_songs: int | None = None) -> str:
+    """(job, seed) pairs as "a s1,2 · b s5": every take named; with more than most_songs
+    songs, just "N songs"."""
+    by: dict[str, list[int]] = {}
+    for job, seed in takes:
+        by.setdefault(job, []).append(seed)
+    if most_songs is not None and len(by) > most_songs:
+        return f"{len(by)} songs"
+    return " · ".join(f"{job} s{','.join(str(s) for s in seeds)}" for job, seeds in by.items())
+
+
+BAR_SONGS = 3  # a worker's bar names up to this many songs of its batch, else "N songs"
 
 
 class PlainLog:
@@ -93,6 +103,10 @@ class PlainLog:
             case WorkerChanged():
                 pid = f" (pid {ev.pid})" if ev.pid else ""
                 why = f": {ev.error}" if ev.error else ""
+                if ev.state == "busy" and ev.renders:
+                    why = f": {' '.join(ev.renders)}" + (
+                        f" (batches of {', '.join(str(n) for n in ev.batches)})"
+                        if ev.batches else "")
                 self.line(f"worker {ev.worker} ({ev.device}): {ev.state}{pid}{why}")
             case Progress():
                 self._progress(ev)
@@ -100,14 +114,14 @@ class PlainLog:
                 self._finished(ev)
 
     def _progress(self, ev: Progress) -> None:
-        state = (ev.job_id, ev.seeds, ev.phase)
+        state = (tuple(ev.takes()), ev.phase)
         now = time.monotonic()
         if (self.phase.get(ev.worker) == state
                 and now - self.last.get(ev.worker, 0.0) < self.HEARTBEAT_S):
             return
         self.phase[ev.worker], self.last[ev.worker] = state, now
         rate = f" ({ev.tokens_per_s:.1f} tokens/s)" if ev.tokens_per_s else ""
-        self.line(f"{ev.device}: {ev.job_id} s{_seeds(ev.seeds)} {ev.phase} "
+        self.line(f"{ev.device}: {takes_label(ev.takes())} {ev.phase} "
                   f"{ev.done}/{ev.total}{rate}")
 
     def _finished(self, ev: Finished) -> None:
@@ -129,7 +143,7 @@ class TtyProgress:
             TimeRemainingColumn(), console=console, transient=False, refresh_per_second=4)
         self.overall = self.bars.add_task("all renders", total=total, note="")
         self.workers: dict[int, int] = {}  # worker -> its bar
-        self.partial: dict[int, tuple[str, list[int], float]] = {}  # worker -> job, seeds, f
+        self.partial: dict[int, tuple[list[tuple[str, int]], float]] = {}  # worker -> takes, f
         self.finished = 0
         self.failed = 0
 
@@ -165,17 +179,17 @@ class TtyProgress:
         return self.workers[worker]
 
     def _refresh_overall(self) -> None:
-        partial = sum(f * len(seeds) for _, seeds, f in self.partial.values())
+        partial = sum(f * len(takes) for takes, f in self.partial.values())
         done = min(float(self.total), self.finished + partial)
         note = f"[red]{self.failed} failed[/red]" if self.failed else ""
         self.bars.update(self.overall, completed=done, note=note)
 
     def _progress(self, ev: Progress) -> None:
         self.bars.update(self._bar(ev.worker, ev.device),
-                         description=f"  {ev.device} {ev.job_id} s{_seeds(ev.seeds)}",
+                         description=f"  {ev.device} {takes_label(ev.takes(), BAR_SONGS)}",
                          total=ev.total or None, completed=ev.done,
                          note=f"{ev.phase}{_rate(ev, 'tok/s')}")
-        self.partial[ev.worker] = (ev.job_id, list(ev.seeds), fraction(ev))
+        self.partial[ev.worker] = (ev.takes(), fraction(ev))
         self._refresh_overall()
 
     def _finished(self, ev: Finished) -> None:
@@ -184,11 +198,12 @@ class TtyProgress:
         if o.status == "failed":
             self.failed += 1
             self.console.print(f"[red]failed[/red] {o.render.job_id} s{o.render.seed}: {o.error}")
-        for w, (job, seeds, f) in list(self.partial.items()):
-            if job == o.render.job_id and o.render.seed in seeds:
-                rest = [s for s in seeds if s != o.render.seed]
+        done = (o.render.job_id, o.render.seed)
+        for w, (takes, f) in list(self.partial.items()):
+            if done in takes:
+                rest = [t for t in takes if t != done]
                 if rest:
-                    self.partial[w] = (job, rest, f)
+                    self.partial[w] = (rest, f)
                 else:
                     del self.partial[w]
         self._refresh_overall()

@@ -159,9 +159,18 @@ def take_html(rank: int, t: dict[str, Any], kept: bool = False) -> str:
         f'{_num(a.get("lufs"), ".1f", " LUFS")} · {_num(a.get("true_peak_db"), ".1f", " dBTP")}'
         f' · score {_num(a.get("score"), ".3f")}</span>'
         f'<span class="flags">{badges}{demo}</span>'
-        f'<span class="meta">{_num(timings.get("total_s"), ".1f", " s")} on '
+        f'<span class="meta">{_num(timings.get("total_s"), ".1f", " s")}{_shared(t)} on '
         f'{_e(t.get("device"))} · {links}</span></li>'
     )
+
+
+def _shared(t: dict) -> str:
+    """" in a batch of 8 (3 songs)" when the render time was shared by batch-mates."""
+    b = t.get("batch") or {}
+    size, songs = b.get("size") or 1, b.get("songs") or 1
+    if size <= 1:
+        return ""
+    return f" in a batch of {_e(size)}" + (f" ({_e(songs)} songs)" if songs > 1 else "")
 
 
 def job_html(j: JobView, kept: set[tuple[str, int]] = frozenset()) -> str:

@@ -187,13 +187,17 @@ class Footprint:
 
     - weights: each stage's file size (bf16 transformers, fp32 codec);
     - KV cache: 2 (K, V) x layers x kv_heads x head_dim x dtype bytes per row per token, for
-      the backbone's whole context (prompt + max new tokens, capped at max_seq_len);
+      the backbone's whole context (prompt + max new tokens, capped at max_seq_len). A batch
+      may hold rows of different songs: every row is sized as its longest row (a footprint
+      made for that row's tokens, `batch_needs`), and the default batch size is made for
+      rows at the cap, so it holds for any mix of songs;
     - super-res activations of one row at the real length (prompt + frames): per token the
       residual, norm, q, k, v and attention output (6 x hidden) and the MLP's gate, up and
-      product (3 x ffn), in the model dtype (attention scores run in query blocks);
-    - the codec: one window of window_frames frames, or of the song's frames when fewer
-      (CodecConfig.window_activation_bytes). That is its floor: the decoder batches as many
-      windows as free memory allows (codec.window_batch_size), so its peak runs higher.
+      product (3 x ffn), in the model dtype (attention scores run in query blocks). Super-res
+      runs one row at a time, so one row is its working set whatever the batch;
+    - the codec: one group of windows of window_frames frames, or of the song's frames when
+      fewer (CodecConfig.window_group x window_activation_bytes): the decoder takes a fixed
+      group of one song's windows per forward, whatever the batch and free memory.
     """
 
     stage_bytes: dict[str, int]  # "backbone" | "superres" | "codec" -> weight bytes
@@ -221,9 +225,9 @@ class Footprint:
 
     def stage_peaks(self, residency: str, rows: int) -> dict[str, int]:
         """Memory at each stage's busiest point for `rows` rows, without HEADROOM: its working
-        set (KV cache, super-res activations, codec window) beside the weights resident then
-        (keep_loaded: every stage's; one_shot: its own)."""
-        work = {"backbone": rows * self.kv_row_bytes, "superres": rows * self.superres_row_bytes,
+        set (KV cache of every row, super-res activations of one row, a codec window group)
+        beside the weights resident then (keep_loaded: every stage's; one_shot: its own)."""
+        work = {"backbone": rows * self.kv_row_bytes, "superres": self.superres_row_bytes,
                 "codec": self.codec_window_bytes}
         return {s: (self.all_bytes if residency == "keep_loaded" else self.stage_bytes[s]) + w
                 for s, w in work.items()}
@@ -232,7 +236,8 @@ class Footprint:
         w = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.stage_bytes.items())
         return (f"weights GiB: {w}; per row: KV cache {self.kv_bytes_per_token / 1024:.0f} KiB"
                 f" x {self.context_tokens} tokens = {self.kv_row_bytes / GIB:.2f} GiB, "
-                f"super-res activations {self.superres_row_bytes / GIB:.2f} GiB; codec window "
+                f"super-res activations {self.superres_row_bytes / GIB:.2f} GiB (one row at a time); "
+                f"codec window group "
                 f"{self.codec_window_bytes / GIB:.2f} GiB")
 
 
@@ -271,7 +276,8 @@ def model_footprint(model_dir: str | Path, dtype_bytes: int = 2,
         codec = CodecConfig(**{k: (tuple(v) if k == "rates" else v) for k, v in codec_cfg.items()})
     except TypeError:
         codec = CodecConfig()
-    window = codec.window_activation_bytes(min(codec.window_frames, tokens // 2))  # 2 per frame
+    frames = max(1, min(codec.window_frames, tokens // 2))  # 2 tokens per frame
+    window = codec.window_group(frames) * codec.window_activation_bytes(frames)
     return Footprint(stage_bytes=stages, kv_bytes_per_token=kv, context_tokens=context,
                      superres_row_bytes=sr_row, codec_window_bytes=window)
 
@@ -306,6 +312,14 @@ def default_batch_size(device: Device, footprint: Footprint, residency: str) -> 
 
 def needs(footprint: Footprint, residency: str, rows: int) -> int:
     return _needs(footprint, residency, rows)
+
+
+def batch_needs(model_dir: str | Path, residency: str, row_tokens: list[int],
+                dtype_bytes: int = 2) -> int:
+    """Peak device memory of one batch whose rows (of any songs) decode up to `row_tokens`
+    backbone tokens each: every row sized as the longest."""
+    fp = model_footprint(model_dir, dtype_bytes=dtype_bytes, tokens=max(row_tokens))
+    return _needs(fp, residency, len(row_tokens))
 
 
 def default_decode_path(kind: str) -> tuple[str, str]:

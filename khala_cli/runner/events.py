@@ -43,7 +43,8 @@ class WorkerChanged:
 
 @dataclass(frozen=True)
 class Progress:
-    """A worker's progress on one batch (one job, some seeds)."""
+    """A worker's progress on the takes of one engine call: seeds[i] of jobs[i] (several
+    songs when a batch holds several); job_id is the first take's job."""
 
     kind: ClassVar[str] = "progress"
     worker: int
@@ -54,6 +55,12 @@ class Progress:
     done: int
     total: int
     tokens_per_s: float | None = None
+    jobs: tuple[str, ...] = ()  # one per seed (empty: every seed is job_id's)
+
+    def takes(self) -> list[tuple[str, int]]:
+        """(job, seed) of every take worked on."""
+        jobs = self.jobs if len(self.jobs) == len(self.seeds) else (self.job_id,) * len(self.seeds)
+        return list(zip(jobs, self.seeds, strict=True))
 
 
 @dataclass(frozen=True)

@@ -290,7 +290,8 @@ class Pool:
         elif kind == "progress":
             self.on_event(Progress(
                 worker=w.slot.device.index, device=w.slot.name, job_id=str(msg.get("job_id")),
-                seeds=tuple(msg.get("seeds") or ()), phase=str(msg.get("phase")),
+                seeds=tuple(msg.get("seeds") or ()), jobs=tuple(msg.get("jobs") or ()),
+                phase=str(msg.get("phase")),
                 done=int(msg.get("done") or 0), total=int(msg.get("total") or 0),
                 tokens_per_s=msg.get("tokens_per_s")))
         elif kind == "result":

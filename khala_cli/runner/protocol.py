@@ -2,16 +2,18 @@
 
 Parent -> worker:
     {"type": "work", "wave": int, "batches": [[{"id": int, "render": render dict}, ...], ...]}
-        the renders of a batch differ only by seed; a wave holds several batches only in
-        one_shot residency (each stage runs over the whole wave before the models swap)
+        a batch may hold several songs (the engine decodes their rows together); a wave
+        holds several batches only in one_shot residency (each stage runs over the whole
+        wave before the models swap)
     {"type": "stop"}                           finish nothing more; exit
 
 Worker -> parent:
     {"type": "hello", "pid": int, "device": str}           started (before torch is imported)
     {"type": "ready", "device": str, "residency": str}     pipeline loaded
     {"type": "want"}                                       idle: send work
-    {"type": "progress", "wave", "job_id", "seeds", "phase", "done", "total",
-     "tokens_per_s"}
+    {"type": "progress", "wave", "job_id", "seeds", "jobs", "phase", "done", "total",
+     "tokens_per_s"}                                       the takes worked on: seeds[i] of
+                                                           jobs[i] (job_id: the first's)
     {"type": "result", "wave", "id", "status": "rendered"|"failed", "error", "files",
      "seconds", "resumed": bool}
     {"type": "wave_done", "wave": int}

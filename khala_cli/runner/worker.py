@@ -239,6 +239,23 @@ class Batch:
     def job_ids(self) -> set[str]:
         return {r.job_id for r in self.renders}
 
+    def songs(self) -> list[Song]:
+        """The batch's renders by song (renders that differ only by seed), in order: one
+        engine request each."""
+        by: dict[tuple, list] = {}
+        for r in self.renders:
+            by.setdefault(r.batch_group, []).append(r)
+        return [Song(self, rs) for rs in by.values()]
+
+
+class Song:
+    """The renders of one song in a batch: one engine Request."""
+
+    def __init__(self, batch: Batch, renders: list):
+        self.batch, self.renders = batch, renders
+        self.first = renders[0]
+        self.prompt_tokens = 0
+
 
 class Worker:
     def __init__(self, args: argparse.Namespace, chan: Channel):
@@ -282,52 +299,57 @@ class Worker:
                         "seconds": round(time.monotonic() - batch.started, 3),
                         "resumed": render.key in batch.resumed, **extra})
 
-    def _fail(self, batch: Batch, exc: BaseException) -> None:
-        if is_oom(exc):
+    def _fail(self, song: Song, exc: BaseException) -> None:
+        batch = song.batch
+        if is_oom(exc):  # the whole batch: the parent halves it
             traceback.print_exception(exc, file=sys.stderr)
             raise OutOfMemory(list(batch.ids.values()), f"{type(exc).__name__}: {exc}") from exc
         traceback.print_exception(exc, file=sys.stderr)
         if isinstance(exc, outputs.OutputError) and exc.no_space:
             # .khala/work is full or read-only (saving the backbone tokens): like a full
             # output disk, the parent stops handing out work.
-            for r in batch.renders:
+            for r in song.renders:
                 self._result(batch, r, "failed", error=str(exc), kept=False, no_space=True,
                              path=str(exc.path or self.output_dir))
             return
-        for r in batch.renders:
+        for r in song.renders:  # the engine fails a song for its own sake only
             self._result(batch, r, "failed", error=f"{type(exc).__name__}: {exc}")
 
-    def _progress(self, batches: list[Batch]):
+    def _progress(self, songs: list[Song]):
+        """Progress of the songs an engine call works on ("requests" or "request" in the
+        extras; all of them while decoding or loading), naming every take."""
         state = {"phase": None, "t": 0.0}
 
         def cb(phase: str, done: int, total: int, extra: dict | None = None) -> None:
-            i = (extra or {}).get("request")
-            group = batches if i is None else [batches[i]]
+            extra = extra or {}
+            at = extra.get("requests", [extra["request"]] if "request" in extra else None)
+            group = songs if at is None else [songs[i] for i in at]
+            renders = [r for song in group for r in song.renders]
             now = time.monotonic()
             if phase != state["phase"] or done >= total or now - state["t"] >= 0.25:
                 state["phase"], state["t"] = phase, now
-                tps = (extra or {}).get("tokens_per_s")
+                tps = extra.get("tokens_per_s")
                 self.chan.send({"type": "progress", "wave": self.wave,
-                                "job_id": group[0].first.job_id,
-                                "seeds": [r.seed for b in group for r in b.renders],
+                                "job_id": renders[0].job_id, "seeds": [r.seed for r in renders],
+                                "jobs": [r.job_id for r in renders],
                                 "phase": phase, "done": int(done), "total": int(total),
                                 "tokens_per_s": float(tps) if tps is not None else None})
-            for b in group:
-                self.faults.fire("progress", b.job_ids, len(b.renders))
+            self.faults.fire("progress", {r.job_id for r in renders}, len(renders))
         return cb
 
     # -- the wave --------------------------------------------------------------------------
 
-    def _request(self, batch: Batch):
+    def _request(self, song: Song):
         from khala_cli.engine.backbone import BackboneRow
         from khala_cli.engine.pipeline import Request
 
-        r = batch.first
+        r, batch = song.first, song.batch
         spec = PromptSpec(mode=r.mode, prompt_mode=r.prompt_mode, tags=tuple(r.tags),
                           prompt=r.prompt, lyrics=r.lyrics, duration=r.duration)
         bb_ids, sr_ids = prompt_ids(self.pipeline.tokenizer, spec)
+        song.prompt_tokens = len(bb_ids)
         resume = {}
-        for render in batch.renders:
+        for render in song.renders:
             saved = load_q01(work_path(self.output_dir, render.key),
                              int(self.pipeline.info.codebook_size))
             if saved is not None:
@@ -335,16 +357,15 @@ class Worker:
                 batch.resumed.add(render.key)
                 print(f"worker: {render.stem}: resuming from saved backbone tokens",
                       file=sys.stderr, flush=True)
-        req = Request(backbone_ids=bb_ids, superres_ids=sr_ids,
-                      seeds=[x.seed for x in batch.renders], resume=resume,
-                      **mn.controls_of(r))
-        return req, len(bb_ids)
+        return Request(backbone_ids=bb_ids, superres_ids=sr_ids,
+                       seeds=[x.seed for x in song.renders], resume=resume,
+                       **mn.controls_of(r))
 
-    def _save_rows(self, batch: Batch, rows) -> None:
-        for render, row in zip(batch.renders, rows, strict=True):
-            if render.key not in batch.resumed:
+    def _save_rows(self, song: Song, rows) -> None:
+        for render, row in zip(song.renders, rows, strict=True):
+            if render.key not in song.batch.resumed:
                 save_q01(work_path(self.output_dir, render.key), row)
-        self.faults.fire("after_backbone", batch.job_ids, len(batch.renders))
+        self.faults.fire("after_backbone", {r.job_id for r in song.renders}, len(song.renders))
 
     def _write(self, batch: Batch, render, audio, codes, info: dict, take=None) -> None:
         """Write one take; on failure keep it (if it is not kept already) for the next try."""
@@ -385,6 +406,8 @@ class Worker:
         return {"tokens": {"prompt": prompt_tokens, "backbone": int(take.backbone_tokens)},
                 "backbone": {"ended": take.ended, "logprob_mean": take.logprob_mean},
                 "timings": timings, "device": self.device_label,
+                "batch": {"size": take.batch_size, "mates": take.batch_size - 1,
+                          "songs": take.batch_songs},
                 "model": {"name": self.pipeline.info.name,
                           "fingerprint": self.pipeline.info.fingerprint,
                           "demo": bool(self.pipeline.info.demo)}}
@@ -413,15 +436,19 @@ class Worker:
                 live.append(b)
         if not live:
             return
-        made = [self._request(b) for b in live]
+        songs, groups = [], []  # per batch its songs: one engine batch of requests
+        for b in live:
+            mine = b.songs()
+            groups.append(list(range(len(songs), len(songs) + len(mine))))
+            songs += mine
         takes = self.pipeline.render(
-            [req for req, _ in made], progress=self._progress(live),
-            on_backbone=lambda i, rows: self._save_rows(live[i], rows),
-            on_error=lambda i, exc: self._fail(live[i], exc))
-        for b, (_, n_prompt), per_batch in zip(live, made, takes, strict=True):
-            for render, take in zip(b.renders, per_batch, strict=False):
-                self._write(b, render, take.audio, take.codes, self._info(take, n_prompt),
-                            take=take)
+            [self._request(s) for s in songs], progress=self._progress(songs), batches=groups,
+            on_backbone=lambda i, rows: self._save_rows(songs[i], rows),
+            on_error=lambda i, exc: self._fail(songs[i], exc))
+        for song, per_song in zip(songs, takes, strict=True):
+            for render, take in zip(song.renders, per_song, strict=False):
+                self._write(song.batch, render, take.audio, take.codes,
+                            self._info(take, song.prompt_tokens), take=take)
 
     def serve(self) -> None:
         while True:
