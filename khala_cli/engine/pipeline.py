@@ -259,7 +259,8 @@ class Pipeline:
         batches: the requests (indices) whose backbone rows decode together, each request in
         one batch; default each request a batch of its own. A take is the same bits in any
         batch. Progress extras carry "batch" (its index) and "requests" (its requests)
-        during the backbone, and "batch" and "request" during super-res.
+        during the backbone, "batch" and "request" during super-res, and "requests" (those
+        still live) while decoding.
         on_backbone(i, rows): called once request i's backbone rows exist (to save them).
         on_error(i, exc): without it, any error ends the call; with it, a request whose
         stage raised is reported there (which may re-raise) and gets no takes, and the
@@ -286,7 +287,8 @@ class Pipeline:
         live = [i for i in range(len(requests)) if i not in run.failed]
         t = time.perf_counter()
         try:
-            audio = iter(self.decode([c for i in live for c in codes[i]], progress))
+            audio = iter(self.decode([c for i in live for c in codes[i]],
+                                     tagged({"requests": live})))
         except Exception as exc:
             run.fail(live, exc)
         decode_s = run.stage_time(t)
