@@ -12,7 +12,8 @@ from khala_cli.cli import cli
 
 KEYS = ("decode_vs_naive", "batch8_vs_batch1", "superres_vs_padded", "superres_padding_factor",
         "backbone_tokens_per_s", "naive_tokens_per_s", "batch1_tokens_per_s",
-        "batch8_tokens_per_s", "superres_pass_s", "superres_padded_pass_s")
+        "batch8_tokens_per_s", "superres_pass_s", "superres_padded_pass_s",
+        "catalogue_b8_vs_b1", "catalogue_mixed_vs_sweep", "catalogue_settings_cost")
 
 
 def test_bench_json_on_tiny_config():
@@ -24,13 +25,18 @@ def test_bench_json_on_tiny_config():
     assert data["superres_padded_len"] > data["superres_seq_len"]
     assert abs(data["superres_padding_factor"]
                - data["superres_padded_len"] / data["superres_seq_len"]) < 1e-9
-    assert set(data["targets"]) == {"decode_vs_naive", "batch8_vs_batch1", "superres_vs_padded"}
+    assert set(data["targets"]) == {"decode_vs_naive", "batch8_vs_batch1", "superres_vs_padded",
+                                    "catalogue_b8_vs_b1"}
+    # the catalogue case: 8 songs in one batch decode the tokens they decode one at a time
+    assert data["catalogue_songs"] == 8 and data["catalogue_tokens_equal"] is True
+    assert set(data["catalogue_songs_per_minute"]) == {"1", "8"}
 
 
 def test_bench_human_output_names_the_ratios():
     result = CliRunner().invoke(cli, ["bench", "--tiny"])
     assert result.exit_code == 0, result.output
-    for name in ("decode vs naive", "batch 8 vs 1", "super-res vs padded"):
+    for name in ("decode vs naive", "batch 8 vs 1", "super-res vs padded", "catalogue 8 vs 1",
+                 "songs/min", "tokens equal"):
         assert name in result.stdout
 
 

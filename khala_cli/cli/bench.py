@@ -84,12 +84,23 @@ def bench(as_json: bool, device: str, threads: int | None, tiny: bool, review: b
         ("super-res vs padded", result["superres_vs_padded"], t["superres_vs_padded"],
          f"{result['superres_pass_s'] * 1e3:.0f} vs {result['superres_padded_pass_s'] * 1e3:.0f} "
          f"ms/pass, S {result['superres_seq_len']} vs {result['superres_padded_len']}"),
+        (f"catalogue {result['batch']} vs 1", result["catalogue_b8_vs_b1"],
+         t["catalogue_b8_vs_b1"], _catalogue_detail(result)),
     ]
     click.echo(f"device {result['device']}, {result['threads']} threads, "
                f"{result['params'] / 1e6:.1f} M parameters")
     for name, ratio, target, detail in rows:
         mark = "ok" if ratio >= target else "below target"
         click.echo(f"  {name:<20} {ratio:6.2f}x  (target {target:.2f}x, {mark})  {detail}")
+
+
+def _catalogue_detail(result: dict) -> str:
+    spm = result["catalogue_songs_per_minute"]
+    b = str(result["batch"])
+    return (f"{spm[b]:.1f} vs {spm['1']:.1f} songs/min over {result['catalogue_songs']} songs, "
+            f"tokens {'equal' if result['catalogue_tokens_equal'] else 'DIFFER'}; "
+            f"mixed prompts {result['catalogue_mixed_vs_sweep']:.2f}x a sweep's tokens/s, "
+            f"per-row settings cost {result['catalogue_settings_cost']:.2f}x")
 
 
 def _review(as_json: bool, takes: int) -> None:

@@ -15,6 +15,14 @@ like: the same weights, prompt, token counts and threads.
 - superres_vs_padded: time of a super-res pass at the real length S over the reference's
   method with rows padded to max(8192, S), scaled to the bench: padded length =
   S x max(8192, S_song) / S_song for a reference song of `song_minutes`.
+- catalogue_b8_vs_b1: songs per minute of a catalogue, `batch` different songs (prompts of
+  different lengths, one seed each) through `Pipeline.render`, all in one cross-song batch
+  over the same songs one at a time, on a model directory of random weights (the bench
+  backbone, a tiny super-res model and codec, so the backbone's share of the time is about
+  a real song's); their tokens must be equal. Where the batch's gain goes, at the decode:
+  catalogue_mixed_vs_sweep (tokens/s of `batch` different prompts over one prompt's
+  `batch` seeds: per-song prefill and attention calls) and catalogue_settings_cost
+  (different top-k / temperature per row, sampled per group, over one setting).
 
 Rates are medians over chunks of `chunk` decode steps (and pass times medians over
 passes), pooled over `rounds` interleaved rounds, so a burst of other load on the machine
@@ -24,18 +32,24 @@ moves them less.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from khala_cli.engine import backbone, superres
+from khala_cli.engine.backbone import Song
 from khala_cli.engine.config import TransformerConfig
+from khala_cli.engine.pipeline import Pipeline, Request
+from khala_cli.engine.random_model import TINY_SIZES, build_random_model
 from khala_cli.engine.tokens import TokenLayout
 from khala_cli.engine.transformer import Transformer, apply_rope, rope_angles
+from khala_cli.prompt import PromptSpec, prompt_ids
 
 FRAME_RATE = 44100 / 2048  # codec frames per second of the real model
 
@@ -68,12 +82,15 @@ class BenchSpec:
                            num_quantizers=self.num_quantizers, bos_id=0, end_of_song_id=1,
                            no_use_id=4)
 
+    def sizes(self) -> dict[str, int]:
+        return {"hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "ffn_hidden_size": self.ffn_hidden_size}
+
     def config(self) -> TransformerConfig:
         layout = self.layout()
         return TransformerConfig(
-            vocab_size=layout.superres_vocab, hidden_size=self.hidden_size,
-            num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim, ffn_hidden_size=self.ffn_hidden_size,
+            vocab_size=layout.superres_vocab, **self.sizes(),
             max_seq_len=max(self.context_len + self.decode_tokens, 64),
         )
 
@@ -224,8 +241,11 @@ def _run(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -> dict
     t_sr = float(np.median(pass_times(superres.upsample)))
     t_pad = float(np.median(pass_times(
         lambda *a, **k: superres.upsample_reference_padded(*a, pad_to=s_pad, **k))))
+    where = _catalogue_decode(model, layout, spec, context, sync, log)
+    cat = _catalogue(spec, dev, log)
 
     return {
+        **cat, **where,
         "decode_vs_naive": tps1 / tps_naive,
         "batch8_vs_batch1": tps_b / tps1,
         "superres_vs_padded": t_pad / t_sr,
@@ -234,6 +254,7 @@ def _run(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -> dict
             "decode_vs_naive": 1.5,
             "batch8_vs_batch1": 4.0,
             "superres_vs_padded": 0.5 * s_pad / s_real,
+            "catalogue_b8_vs_b1": 3.0,
         },
         "backbone_tokens_per_s": tps1,
         "naive_tokens_per_s": tps_naive,
@@ -253,3 +274,88 @@ def _run(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -> dict
         "torch": torch.__version__,
         "spec": dataclasses.asdict(spec),
     }
+
+
+def _catalogue_decode(model: Transformer, layout: TokenLayout, spec: BenchSpec,
+                      context: list[int], sync: Callable[[], None],
+                      log: Callable[[str], None]) -> dict:
+    """Decode tokens/s of `batch` rows: one prompt's seeds, different prompts, and different
+    prompts with different sampling settings per row."""
+    n, b = spec.decode_tokens, spec.batch
+    lengths = np.linspace(spec.context_len // 2, spec.context_len, b).astype(int)
+    prompts = [context[-int(p):] for p in lengths]
+    cases = {
+        "sweep": [Song(prompts[-1], list(range(b)), spec.top_k, 1.0, n)],
+        "mixed": [Song(p, [i], spec.top_k, 1.0, n) for i, p in enumerate(prompts)],
+        "settings": [Song(p, [i], max(1, spec.top_k - 8 * i), 0.8 + 0.05 * i, n)
+                     for i, p in enumerate(prompts)],
+    }
+    log(f"catalogue decode: {b} rows as one prompt's seeds, {b} prompts, {b} prompts with "
+        f"their own top-k and temperature ...")
+    rates: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(spec.rounds):
+        for name, songs in cases.items():
+            marks: list[tuple[int, float]] = []
+
+            def mark(done: int, _rate: float, marks=marks) -> None:
+                sync()
+                marks.append((done, time.perf_counter()))
+
+            backbone.decode_songs(model, layout, songs, stop_at_end=False,
+                                  check_every=spec.chunk, progress=mark)
+            rates[name] += _rates(marks[:-1])  # the last mark repeats the end
+    tps = {k: float(np.median(v)) * b for k, v in rates.items()}
+    return {"catalogue_mixed_vs_sweep": tps["mixed"] / tps["sweep"],
+            "catalogue_settings_cost": tps["mixed"] / tps["settings"],
+            "catalogue_decode_tokens_per_s": tps}
+
+
+def _catalogue(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -> dict:
+    """`batch` different songs through Pipeline.render: one cross-song batch against one
+    song at a time, songs per minute of each, timed over `rounds` interleaved rounds."""
+    with tempfile.TemporaryDirectory(prefix="khala-bench-catalogue-") as tmp:
+        mdir = build_random_model(
+            Path(tmp) / "model", name="khala bench catalogue (random weights, untrained: noise)",
+            source="khala_cli.engine.bench", demo=True, sizes=spec.sizes(),
+            superres_sizes=TINY_SIZES)
+        pipe = Pipeline.from_dir(mdir, device=dev)
+        pipe.load()
+        reqs = _catalogue_songs(pipe, spec)
+        log(f"catalogue: {len(reqs)} songs (prompts of {min(len(r.backbone_ids) for r in reqs)}"
+            f"..{max(len(r.backbone_ids) for r in reqs)} tokens, {spec.decode_tokens} tokens "
+            f"each) one at a time, then in one batch ...")
+        pipe.render(reqs[:1])  # warm-up
+        times: dict[int, list[float]] = {1: [], spec.batch: []}
+        takes = {}
+        for _ in range(spec.rounds):
+            for b, batches in ((1, None), (spec.batch, [list(range(len(reqs)))])):
+                t = time.perf_counter()
+                takes[b] = pipe.render(reqs, batches=batches)
+                times[b].append(time.perf_counter() - t)
+    t1, tb = (float(np.median(times[b])) for b in (1, spec.batch))
+    equal = all(np.array_equal(a[0].codes, c[0].codes)
+                for a, c in zip(takes[1], takes[spec.batch], strict=True))
+    stages = {}  # seconds per stage for the whole catalogue (the last round)
+    for b, per_song in takes.items():
+        tm = [t[0].timings for t in per_song]
+        stages[b] = {"backbone_s": round(tm[0]["backbone_s"] if b > 1
+                                         else sum(x["backbone_s"] for x in tm), 3),
+                     "superres_s": round(sum(x["superres_s"] for x in tm), 3),
+                     "decode_s": round(tm[0]["decode_s"], 3)}  # one decode call each
+    return {"catalogue_b8_vs_b1": t1 / tb, "catalogue_songs": len(reqs),
+            "catalogue_tokens_equal": equal,
+            "catalogue_songs_per_minute": {str(b): round(len(reqs) * 60.0 / t, 2)
+                                           for b, t in ((1, t1), (spec.batch, tb))},
+            "catalogue_stage_s": {str(b): v for b, v in stages.items()}}
+
+
+def _catalogue_songs(pipe: Pipeline, spec: BenchSpec) -> list[Request]:
+    """`batch` songs with prompts of different lengths (lyrics of 1..batch verses)."""
+    reqs = []
+    for i in range(spec.batch):
+        lyrics = "\n".join(f"[verse]\nline {i} {j} of a song that is not music" for j in range(i + 1))
+        bb, sr = prompt_ids(pipe.tokenizer, PromptSpec(tags=(f"style {i}",), lyrics=lyrics,
+                                                       duration=1))
+        reqs.append(Request(backbone_ids=bb, superres_ids=sr, seeds=[i + 1], top_k_bb=spec.top_k,
+                            max_new_tokens=spec.decode_tokens, duration=1))
+    return reqs

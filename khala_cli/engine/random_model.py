@@ -148,10 +148,11 @@ def _codec_weights(cfg, gen) -> dict:
 
 def build_random_model(path: str | Path, *, name: str, source: str, demo: bool,
                        sizes: dict | None = None, vocab: tuple[int, int] | None = None,
-                       codec=None) -> Path:
+                       codec=None, superres_sizes: dict | None = None) -> Path:
     """A model directory of random weights from SEED whose backbone never ends a song:
-    transformer `sizes` (TransformerConfig fields; default TINY_SIZES), `vocab` (backbone,
-    super-res rows; default the layout's), `codec` (CodecConfig; default tiny_codec_config()).
+    transformer `sizes` (TransformerConfig fields; default TINY_SIZES; `superres_sizes` for
+    the super-res model, default the same), `vocab` (backbone, super-res rows; default the
+    layout's), `codec` (CodecConfig; default tiny_codec_config()).
 
     Atomic: save_model_dir writes a temporary sibling directory renamed into place. If `path`
     already holds a model (another process won a race), it is left as it is."""
@@ -163,7 +164,7 @@ def build_random_model(path: str | Path, *, name: str, source: str, demo: bool,
     gen = torch.Generator().manual_seed(SEED)
     bb_vocab, sr_vocab = vocab or (lay.backbone_vocab, lay.superres_vocab)
     bb_cfg = _transformer_config(bb_vocab, sizes)
-    sr_cfg = _transformer_config(sr_vocab, sizes)
+    sr_cfg = _transformer_config(sr_vocab, superres_sizes or sizes)
     codec_cfg = codec or tiny_codec_config()
     bb = _transformer_weights(bb_cfg, gen, lay.end_of_song_id)
     sr = _transformer_weights(sr_cfg, gen, None)
