@@ -7,6 +7,8 @@ any position in the batch, at 1 and 2 threads, in fp32 on the CPU.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -135,6 +137,36 @@ def test_rows_leave_the_batch_and_their_cache_rows_are_reused():
     assert decode(model, [sweep])[0][1][0].shape == (90,)
 
 
+def _codes(rows) -> list[np.ndarray]:
+    return [backbone.row_result(LAYOUT, t, lp).codes for t, lp in rows]
+
+
+@pytest.mark.slow
+def test_a_compiled_decode_of_a_mixed_batch_gives_eager_s_codes():
+    """The compiled step (one cache at the cap, each row its own position and mask) decodes
+    a mixed batch to eager's codes in fp32 on the CPU."""
+    model = make_model()
+    three = songs()
+    eager = decode(model, three)
+    compiled = decode(model, three, compile=True)
+    for a, b in zip(eager, compiled, strict=True):
+        for x, y in zip(_codes(a), _codes(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+def test_on_cuda_a_mixed_batch_decodes_each_song_alone_on_every_path():
+    model = make_model().cuda()
+    three = songs()
+    alone = [_codes(decode(model, [s])[0]) for s in three]
+    for options in ({}, {"cuda_graphs": True}, {"compile": True}):
+        together = decode(model, three, **options)
+        for i in range(3):
+            for x, y in zip(_codes(together[i]), alone[i], strict=True):
+                np.testing.assert_array_equal(x, y, err_msg=f"song {i}, {options}")
+
+
 # ---- the whole pipeline: codes and WAV bytes ---------------------------------------------
 
 
@@ -208,3 +240,48 @@ def test_a_sweeps_seeds_render_the_same_bits_at_batch_1_and_8(demo_model_dir, th
         assert np.array_equal(take.codes, one.codes)
         assert _wavs(pipe, [take]) == _wavs(pipe, [one])
     assert len({t.codes.tobytes() for t in eight}) == 8  # and the seeds differ
+
+
+# ---- naming the batch: progress lines, the worker bar, the review page --------------------
+
+
+def test_progress_names_every_take_of_a_batch(capsys):
+    from rich.console import Console
+
+    from khala_cli.cli.display import PlainLog, TtyProgress, takes_label
+    from khala_cli.runner.events import Progress, WorkerChanged
+
+    takes = [("a", 1), ("a", 2), ("b", 5), ("c", 1)]
+    assert takes_label(takes) == "a s1,2 · b s5 · c s1"
+    assert takes_label(takes, most_songs=3) == "a s1,2 · b s5 · c s1"
+    assert takes_label(takes + [("d", 9)], most_songs=3) == "4 songs"
+    ev = Progress(worker=0, device="cpu:0", job_id="a", seeds=(1, 2, 5, 1), phase="backbone",
+                  done=64, total=300, jobs=("a", "a", "b", "c"))
+    assert ev.takes() == takes
+    old = Progress(worker=0, device="cpu:0", job_id="a", seeds=(1, 2), phase="backbone",
+                   done=1, total=2)  # a worker that sends no jobs: every seed is job_id's
+    assert old.takes() == [("a", 1), ("a", 2)]
+    log = PlainLog(total=4, quiet=False)
+    log.event(WorkerChanged(worker=0, device="cpu:0", state="busy", pid=7,
+                            renders=("a-s1", "a-s2", "b-s5", "c-s1"), batches=(4,)))
+    log.event(ev)
+    err = capsys.readouterr().err
+    assert "busy (pid 7): a-s1 a-s2 b-s5 c-s1 (batches of 4)" in err
+    assert "cpu:0: a s1,2 · b s5 · c s1 backbone 64/300" in err
+    tty = TtyProgress(Console(file=io.StringIO(), force_terminal=True), total=5)
+    tty.event(Progress(worker=0, device="cpu:0", job_id="a", seeds=(1, 2, 5, 1, 9),
+                       phase="backbone", done=1, total=2, jobs=("a", "a", "b", "c", "d")))
+    bar = tty.bars.tasks[tty.workers[0]]
+    assert bar.description == "  cpu:0 4 songs"
+    assert [t for t, _ in tty.partial.values()] == [takes + [("d", 9)]]
+
+
+def test_the_review_page_says_a_render_time_was_shared_by_a_batch():
+    from khala_cli.review.page import take_html
+
+    base = {"job_id": "a", "seed": 1, "timings": {"total_s": 80.0}, "device": "cuda:0"}
+    shared = take_html(1, {**base, "batch": {"size": 8, "mates": 7, "songs": 3}})
+    assert "80.0 s in a batch of 8 (3 songs) on cuda:0" in shared
+    sweep = take_html(1, {**base, "batch": {"size": 4, "mates": 3, "songs": 1}})
+    assert "80.0 s in a batch of 4 on" in sweep
+    assert "80.0 s on cuda:0" in take_html(1, base)  # sidecars from before: nothing said

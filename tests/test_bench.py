@@ -56,6 +56,10 @@ def test_e2e_bench_renders_songs_of_the_exact_length_on_every_run(tmp_path, monk
     assert data["shape"]["vocab"] == [130432, 193792] and data["minutes"] == 0.02
     runs = {(r["batch"], r["residency"], r["path"]) for r in data["results"]}
     assert runs == {(b, res, "eager") for b in (1, 2) for res in ("keep_loaded", "one_shot")}
+    # the catalogue case: 8 different songs in one batch decode what they decode alone
+    (cat,) = data["catalogue"]
+    assert cat["songs"] == 8 and cat["tokens_equal"] is True and cat["ratio"] > 0
+    assert len(set(cat["prompt_tokens"])) == 8 and set(cat["songs_per_minute"]) == {"1", "8"}
     # the first keep_loaded run of each batch size is eager's reference; one_shot is compared
     # with it, so its equality says something
     refs = {(r["batch"], r["residency"]) for r in data["results"] if r["eager_reference"]}

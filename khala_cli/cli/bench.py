@@ -192,6 +192,13 @@ def _e2e(as_json: bool, device: str, threads: int | None, scale: float | None,
                      eager_dir=files.eager_codes, log=log)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
+        return
+    for cat in result["catalogue"]:
+        spm = cat["songs_per_minute"]
+        click.echo(f"  catalogue {cat['dtype']}: {cat['songs']} songs of {cat['minutes']:g} min, "
+                   f"one seed each: {spm[str(cat['songs'])]:.2f} songs/min in one batch vs "
+                   f"{spm['1']:.2f} one at a time = {cat['ratio']:.2f}x | tokens equal: "
+                   f"{cat['tokens_equal']}")
 
 
 def modelled_peaks(mdir: Path, row: dict, minutes: float) -> dict[str, float]:

@@ -63,7 +63,8 @@ class RenderOptions:
         help="auto (every visible GPU, else the CPU), cpu, cpu:N, or GPU ids like 0,1,3.")
     batch_size: int | None = _option(
         None, "--batch-size", type=click.IntRange(min=1), report=True,
-        help="Seeds of one job rendered together (default: from device memory; 1 on CPU).")
+        help="Takes rendered together, of one song or several: a job's seeds first, then "
+        "other songs (default: from device memory; 1 on CPU).")
     residency: str | None = _option(
         None, "--residency", type=click.Choice(["keep_loaded", "one_shot"]), report=True,
         help="keep_loaded: all three models stay in memory; one_shot: one stage at a time "

@@ -14,6 +14,8 @@ seconds per stage and for loading, backbone tokens/s per row and in all, the pea
 each stage (CUDA: allocated; CPU: the process's resident set), songs per device-minute, and
 whether the backbone tokens equal eager's at the same batch size: eager's of this run, or
 those an earlier run saved in `eager_dir` (so a later run of one path needs no eager run).
+Then the catalogue case (`catalogue_run`): different songs, one seed each, in one cross-song
+batch against one at a time: songs per minute of each, and whether the tokens are equal.
 """
 
 from __future__ import annotations
@@ -138,11 +140,40 @@ def one_run(mdir: Path, device: str, dtype: str | None, batch: int, residency: s
     return row, [t.codes[:2] for t in takes]
 
 
+def catalogue_run(mdir: Path, device: str, dtype: str | None, songs: int,
+                  minutes: float) -> dict[str, Any]:
+    """`songs` different songs (prompts of different lengths), one seed each, through
+    Pipeline.render (eager, keep_loaded): all in one cross-song batch against one at a time.
+    Songs per minute of each, their ratio, and whether every take's backbone tokens match."""
+    pipe = Pipeline.from_dir(mdir, device=device, dtype=dtype)
+    pipe.load()
+    tokens = int(round(TOKENS_PER_MINUTE * minutes))
+    reqs = []
+    for i in range(songs):
+        ids = pipe.tokenizer.encode(" ".join([f"[verse] line {i}"] * (4 + 12 * i))).ids
+        reqs.append(Request(backbone_ids=ids, superres_ids=ids[:64], seeds=[i + 1],
+                            max_new_tokens=tokens, duration=max(1, min(10, round(minutes)))))
+    walls, codes = {}, {}
+    for b, batches in ((1, None), (songs, [list(range(songs))])):
+        t = time.perf_counter()
+        takes = pipe.render(reqs, batches=batches)
+        walls[b], codes[b] = time.perf_counter() - t, [tk[0].codes[:2] for tk in takes]
+    return {"songs": songs, "minutes": minutes, "dtype": dtype or str(pipe.dtype),
+            "prompt_tokens": [len(r.backbone_ids) for r in reqs],
+            "songs_per_minute": {str(b): round(songs * 60.0 / w, 3) for b, w in walls.items()},
+            "ratio": round(walls[1] / walls[songs], 3),
+            "tokens_equal": all(np.array_equal(x, y)
+                                for x, y in zip(codes[1], codes[songs], strict=True))}
+
+
 def run_e2e(*, device: str = "cpu", scale: float = 1.0, minutes: float = 3.0,
             dtypes: tuple[str | None, ...] = (None,), batches: tuple[int, ...] = (1, 8),
             residencies: tuple[str, ...] = ("keep_loaded", "one_shot"),
             only_paths: tuple[str, ...] | None = None, eager_dir: Path | None = None,
-            log=None) -> dict[str, Any]:
+            log=None, catalogue_songs: int = 8,
+            catalogue_minutes: float | None = None) -> dict[str, Any]:
+    """Every configuration's run, then the catalogue case (`catalogue_songs` different
+    songs of `catalogue_minutes`, default `minutes`, at B=songs against B=1; 0: none)."""
     dev = torch.device(device)
     mdir = model_dir(scale)
     results = []
@@ -167,12 +198,14 @@ def run_e2e(*, device: str = "cpu", scale: float = 1.0, minutes: float = 3.0,
                     results.append(row)
                     if log:
                         log(row)
+    catalogue = [catalogue_run(mdir, device, dtype, catalogue_songs, catalogue_minutes or minutes)
+                 for dtype in (d or default for d in dtypes) if catalogue_songs > 1]
     sh = shape(scale)
     return {"device": name,
             "shape": {**sh["sizes"], "vocab": list(REAL_VOCAB), **sh["codec"],
                       "scale": scale},
             "minutes": minutes, "dtypes": sorted({r["dtype"] for r in results}),
-            "results": results}
+            "results": results, "catalogue": catalogue}
 
 
 @dataclass
