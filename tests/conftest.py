@@ -25,6 +25,17 @@ def demo_model_dir() -> Path:
 
 
 @pytest.fixture
+def threads(request):
+    """torch's CPU threads for one test (parametrize it indirectly), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def small_fs(tmp_path):
     """Mount small tmpfs file systems (root only; the test skips elsewhere, or fails with
     KHALA_REQUIRE_SMALL_FS=1, as .ci/run sets, so the full-disk tests never vanish):

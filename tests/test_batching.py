@@ -27,14 +27,6 @@ WIDE = TransformerConfig(vocab_size=LAYOUT.backbone_vocab, hidden_size=128, num_
                          max_seq_len=256)
 
 
-@pytest.fixture
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def make_model(seed: int = 5) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(WIDE).eval()

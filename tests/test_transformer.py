@@ -310,14 +310,6 @@ WIDE = TransformerConfig(  # rows enough for row_linear to split its products ov
 )
 
 
-@pytest.fixture
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 def test_row_linear_gives_each_row_its_own_numbers_whatever_the_batch(threads):
     """Each row of a row product is the row alone, bit for bit, at every row count and

@@ -399,33 +399,28 @@ def _compact(n: int, gone: set[int]) -> _Compacted:
 
 
 @torch.inference_mode()
-def decode_tokens(
-    model: Transformer,
-    layout: TokenLayout,
-    prompt_ids: list[int],
-    seeds: list[int],
-    *,
-    top_k: int,
-    temperature: float,
-    max_new_tokens: int,
-    progress: Callable[[int, float], None] | None = None,
-    with_logprobs: bool = False,
-    **options,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+def decode_tokens(model: Transformer, layout: TokenLayout, prompt_ids: list[int],
+                  seeds: list[int], *, with_logprobs: bool = False,
+                  **kw) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """decode_songs for one prompt, as arrays: token ids [B, steps], one row per seed (a row
-    that ended early is padded with end-of-song, its log-probabilities with 0).
+    that ended early is padded with end-of-song, its log-probabilities with 0). kw: top_k,
+    temperature, max_new_tokens (required), then decode_songs' options.
     with_logprobs: return (tokens, logprobs [B, steps])."""
-    if not prompt_ids:
-        raise ValueError("the backbone needs a non-empty prompt")
-    (rows,) = decode_songs(model, layout, [Song(list(prompt_ids), list(seeds), top_k,
-                                                temperature, max_new_tokens)],
-                           progress=progress, **options)
+    song, options = _one_song(prompt_ids, seeds, **kw)
+    (rows,) = decode_songs(model, layout, [song], **options)
     steps = max((len(t) for t, _ in rows), default=0)
     tokens = np.full((len(rows), steps), layout.end_of_song_id, dtype=np.int64)
     logprobs = np.zeros((len(rows), steps), dtype=np.float32)
     for i, (t, lp) in enumerate(rows):
         tokens[i, : len(t)], logprobs[i, : len(lp)] = t, lp
     return (tokens, logprobs) if with_logprobs else tokens
+
+
+def _one_song(prompt_ids: list[int], seeds: list[int], *, top_k: int, temperature: float,
+              max_new_tokens: int, **options) -> tuple[Song, dict]:
+    if not prompt_ids:
+        raise ValueError("the backbone needs a non-empty prompt")
+    return Song(list(prompt_ids), list(seeds), top_k, temperature, max_new_tokens), options
 
 
 def _kept(layout: TokenLayout, row: np.ndarray, stop_at_end: bool = True) -> tuple[int, bool]:
@@ -470,26 +465,15 @@ def row_result(layout: TokenLayout, tokens: np.ndarray, logprobs: np.ndarray) ->
                        logprob_mean=mean)
 
 
-def generate_rows(
-    model: Transformer,
-    layout: TokenLayout,
-    prompt_ids: list[int],
-    seeds: list[int],
-    *,
-    top_k: int,
-    temperature: float,
-    max_new_tokens: int,
-    progress: Callable[[int, float], None] | None = None,
-    max_seq_len: int | None = None,
-    **options,
-) -> list[BackboneRow]:
+def generate_rows(model: Transformer, layout: TokenLayout, prompt_ids: list[int],
+                  seeds: list[int], **kw) -> list[BackboneRow]:
     """Decode one prompt for every seed (one batch row each); per seed a BackboneRow:
-    generate_batch with one song."""
+    generate_batch with one song. kw: top_k, temperature, max_new_tokens (required), then
+    generate_batch's progress, max_seq_len and options."""
+    song, options = _one_song(prompt_ids, seeds, **kw)
     if not seeds:
         return []
-    (rows,) = generate_batch(model, layout, [Song(list(prompt_ids), list(seeds), top_k,
-                                                  temperature, max_new_tokens)],
-                             progress=progress, max_seq_len=max_seq_len, **options)
+    (rows,) = generate_batch(model, layout, [song], **options)
     return rows
 
 
