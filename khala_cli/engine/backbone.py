@@ -95,15 +95,17 @@ class _Decoder:
     def sample(self, hidden: Tensor, parity: int) -> None:
         """Sample token `step` from hidden [B, hidden]; record it; advance the counters."""
         logits = row_linear(hidden, self.weights[parity])
-        tok, logp = self.tok.clone(), torch.zeros_like(self.logp[:, 0])
-        for top_k, temperature, ix in self.groups:
-            lg, keys = (logits, self.keys) if ix is None else (logits[ix], self.keys[ix])
-            t, lp = sample_top_k(lg, keys, top_k=top_k, temperature=temperature,
-                                 step=self.step, candidate_ids=self.ids[parity],
-                                 with_logprob=True)
-            if ix is None:
-                tok, logp = t, lp
-            else:
+        if len(self.groups) == 1:  # one setting for every row: no gathering
+            top_k, temperature, _ = self.groups[0]
+            tok, logp = sample_top_k(logits, self.keys, top_k=top_k, temperature=temperature,
+                                     step=self.step, candidate_ids=self.ids[parity],
+                                     with_logprob=True)
+        else:
+            tok, logp = torch.empty_like(self.tok), torch.empty_like(self.logp[:, 0])
+            for top_k, temperature, ix in self.groups:
+                t, lp = sample_top_k(logits[ix], self.keys[ix], top_k=top_k,
+                                     temperature=temperature, step=self.step,
+                                     candidate_ids=self.ids[parity], with_logprob=True)
                 tok.index_copy_(0, ix, t)
                 logp.index_copy_(0, ix, lp)
         self.tokens.index_copy_(1, self.step, tok[:, None])

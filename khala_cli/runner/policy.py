@@ -57,6 +57,10 @@ class Item:
     files: dict[str, str] = field(default_factory=dict)
     log: str | None = None
     resumed: bool = False
+    group: tuple = field(default=(), repr=False)  # render.batch_group: the takes of one song
+
+    def __post_init__(self) -> None:
+        self.group = self.render.batch_group
 
 
 @dataclass
@@ -130,8 +134,7 @@ class Policy:
             limit = min(dev.batch_size, first.batch_limit or dev.batch_size, max(1, fair - count))
             batch = [first]
             taken.add(first.id)
-            group = first.render.batch_group
-            for other in sorted(pending, key=lambda o: o.render.batch_group != group):
+            for other in sorted(pending, key=lambda o: o.group != first.group):
                 if len(batch) >= limit:
                     break
                 if other.id in taken or (other.batch_limit or limit) < limit:
