@@ -99,7 +99,7 @@ def _catalogue_detail(result: dict) -> str:
     b = str(result["batch"])
     return (f"{spm[b]:.1f} vs {spm['1']:.1f} songs/min over {result['catalogue_songs']} songs, "
             f"tokens {'equal' if result['catalogue_tokens_equal'] else 'DIFFER'}; "
-            f"mixed prompts {result['catalogue_mixed_vs_sweep']:.2f}x a sweep's tokens/s, "
+            f"different prompts {result['catalogue_mixed_vs_sweep']:.2f}x a sweep's tokens/s, "
             f"per-row settings cost {result['catalogue_settings_cost']:.2f}x")
 
 

@@ -20,9 +20,10 @@ like: the same weights, prompt, token counts and threads.
   over the same songs one at a time, on a model directory of random weights (the bench
   backbone, a tiny super-res model and codec, so the backbone's share of the time is about
   a real song's); their tokens must be equal. Where the batch's gain goes, at the decode:
-  catalogue_mixed_vs_sweep (tokens/s of `batch` different prompts over one prompt's
-  `batch` seeds: per-song prefill and attention calls) and catalogue_settings_cost
-  (different top-k / temperature per row, sampled per group, over one setting).
+  catalogue_mixed_vs_sweep (tokens/s of `batch` different prompts of one length over one
+  prompt's `batch` seeds: a song's own cache and attention calls) and
+  catalogue_settings_cost (one setting over different top-k / temperature per row, sampled
+  per group); catalogue_stage_s has each stage's seconds for the catalogue at B=1 and B=8.
 
 Rates are medians over chunks of `chunk` decode steps (and pass times medians over
 passes), pooled over `rounds` interleaved rounds, so a burst of other load on the machine
@@ -279,13 +280,14 @@ def _run(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -> dict
 def _catalogue_decode(model: Transformer, layout: TokenLayout, spec: BenchSpec,
                       context: list[int], sync: Callable[[], None],
                       log: Callable[[str], None]) -> dict:
-    """Decode tokens/s of `batch` rows: one prompt's seeds, different prompts, and different
-    prompts with different sampling settings per row."""
+    """Decode tokens/s of `batch` rows: one prompt's seeds, different prompts of the same
+    length (the cost of a song apart: its own cache and attention calls), and those prompts
+    with different sampling settings per row."""
     n, b = spec.decode_tokens, spec.batch
-    lengths = np.linspace(spec.context_len // 2, spec.context_len, b).astype(int)
-    prompts = [context[-int(p):] for p in lengths]
+    length = max(1, spec.context_len - b + 1)
+    prompts = [context[i : i + length] for i in range(b)]
     cases = {
-        "sweep": [Song(prompts[-1], list(range(b)), spec.top_k, 1.0, n)],
+        "sweep": [Song(prompts[0], list(range(b)), spec.top_k, 1.0, n)],
         "mixed": [Song(p, [i], spec.top_k, 1.0, n) for i, p in enumerate(prompts)],
         "settings": [Song(p, [i], max(1, spec.top_k - 8 * i), 0.8 + 0.05 * i, n)
                      for i, p in enumerate(prompts)],
