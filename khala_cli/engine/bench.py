@@ -182,13 +182,38 @@ def _run(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -> dict
     rng = np.random.default_rng(spec.seed)
     top_text = spec.text_vocab - spec.num_quantizers - 1  # below the super-res markers
     context = rng.integers(5, top_text, spec.context_len).tolist()
-    n = spec.decode_tokens
-
-    chunk = spec.chunk
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
+
+    log(f"bench model: {params / 1e6:.1f} M parameters ({params * 4 / 2**20:.0f} MiB fp32), "
+        f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
+    decode = _decode_rates(model, layout, spec, context, sync, log)
+    sr = _superres_times(model, layout, spec, context, rng, sync, log)
+    where = _catalogue_decode(model, layout, spec, context, sync, log)
+    cat = _catalogue(spec, dev, log)
+    return {
+        **cat, **where, **decode, **sr,
+        "targets": {
+            "decode_vs_naive": 1.5,
+            "batch8_vs_batch1": 4.0,
+            "superres_vs_padded": 0.5 * sr["superres_padding_factor"],
+            "catalogue_b8_vs_b1": 3.0,
+        },
+        "params": params,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "spec": dataclasses.asdict(spec),
+    }
+
+
+def _decode_rates(model: Transformer, layout: TokenLayout, spec: BenchSpec, context: list[int],
+                  sync: Callable[[], None], log: Callable[[str], None]) -> dict:
+    """Backbone decode tokens/s: ours at B=1 and B=batch against the naive decode, in
+    interleaved rounds; the median chunk of each is kept."""
+    n, chunk = spec.decode_tokens, spec.chunk
 
     def ours(batch: int, tokens: int = n) -> list[float]:
         """Per-row decode steps per second, per chunk of steps after the prefill."""
@@ -208,27 +233,34 @@ def _run(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -> dict
                                  seed=0)
         return _rates([(i + 1, stamps[i]) for i in range(chunk - 1, n, chunk)])
 
-    log(f"bench model: {params / 1e6:.1f} M parameters ({params * 4 / 2**20:.0f} MiB fp32), "
-        f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
     ours(1, 2 * chunk)  # warm-up
     rates: dict[str, list[float]] = {"ours1": [], "naive": [], "ours8": []}
-    for r in range(spec.rounds):  # interleaved rounds; the median chunk of each is kept
+    for r in range(spec.rounds):
         log(f"backbone round {r + 1}/{spec.rounds}: {n} tokens after a {spec.context_len}-token "
             f"context: ours B=1, naive B=1, ours B={spec.batch} ...")
         rates["ours1"] += ours(1)
         rates["naive"] += naive()
         rates["ours8"] += [spec.batch * x for x in ours(spec.batch)]
     tps1, tps_naive, tps_b = (float(np.median(rates[k])) for k in ("ours1", "naive", "ours8"))
+    return {"decode_vs_naive": tps1 / tps_naive, "batch8_vs_batch1": tps_b / tps1,
+            "backbone_tokens_per_s": tps1, "naive_tokens_per_s": tps_naive,
+            "batch1_tokens_per_s": tps1, "batch8_tokens_per_s": tps_b, "batch": spec.batch,
+            "decode_tokens": n, "context_tokens": spec.context_len}
 
+
+def _superres_times(model: Transformer, layout: TokenLayout, spec: BenchSpec,
+                    context: list[int], rng: np.random.Generator, sync: Callable[[], None],
+                    log: Callable[[str], None]) -> dict:
+    """Seconds per super-res pass at the real length against the reference's padding."""
     frames = spec.superres_frames
     q01 = [rng.integers(0, spec.codebook_size, (2, frames))]
     prompt = context[: spec.superres_prompt_len]
     s_real = spec.superres_prompt_len + frames
-    factor = spec.padding_factor()
-    s_pad = max(round(s_real * factor), s_real)
+    s_pad = max(round(s_real * spec.padding_factor()), s_real)
     passes = spec.num_quantizers - 2
     log(f"super-res: {passes} passes at the real S={s_real}, then the reference's method "
         f"padded to {s_pad} ...")
+
     def pass_times(fn: Callable[..., object]) -> list[float]:
         marks = [(0, time.perf_counter())]
 
@@ -242,39 +274,9 @@ def _run(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -> dict
     t_sr = float(np.median(pass_times(superres.upsample)))
     t_pad = float(np.median(pass_times(
         lambda *a, **k: superres.upsample_reference_padded(*a, pad_to=s_pad, **k))))
-    where = _catalogue_decode(model, layout, spec, context, sync, log)
-    cat = _catalogue(spec, dev, log)
-
-    return {
-        **cat, **where,
-        "decode_vs_naive": tps1 / tps_naive,
-        "batch8_vs_batch1": tps_b / tps1,
-        "superres_vs_padded": t_pad / t_sr,
-        "superres_padding_factor": s_pad / s_real,
-        "targets": {
-            "decode_vs_naive": 1.5,
-            "batch8_vs_batch1": 4.0,
-            "superres_vs_padded": 0.5 * s_pad / s_real,
-            "catalogue_b8_vs_b1": 3.0,
-        },
-        "backbone_tokens_per_s": tps1,
-        "naive_tokens_per_s": tps_naive,
-        "batch1_tokens_per_s": tps1,
-        "batch8_tokens_per_s": tps_b,
-        "batch": spec.batch,
-        "decode_tokens": n,
-        "context_tokens": spec.context_len,
-        "superres_seq_len": s_real,
-        "superres_padded_len": s_pad,
-        "superres_passes": passes,
-        "superres_pass_s": t_sr,
-        "superres_padded_pass_s": t_pad,
-        "params": params,
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "spec": dataclasses.asdict(spec),
-    }
+    return {"superres_vs_padded": t_pad / t_sr, "superres_padding_factor": s_pad / s_real,
+            "superres_seq_len": s_real, "superres_padded_len": s_pad, "superres_passes": passes,
+            "superres_pass_s": t_sr, "superres_padded_pass_s": t_pad}
 
 
 def _catalogue_decode(model: Transformer, layout: TokenLayout, spec: BenchSpec,
