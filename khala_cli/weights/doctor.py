@@ -212,10 +212,10 @@ def check_codec_stack(probe: dict[str, Any]) -> Finding | None:
     """torch, torchaudio and descript-audio-codec installed as a matching set that imports."""
     found = stack.versions()
     problem = stack.version_problem(found)
-    if problem is None and "stack" in probe:
+    if problem is None:
+        if "stack" not in probe:
+            return None  # torch itself failed: check_torch says so
         problem = stack.import_problem(probe["stack"], found)
-    elif problem is None:
-        return None  # torch itself failed: check_torch says so
     if problem is not None:
         return Finding(ERROR, "codec", problem.message, problem.fix)
     return Finding(OK, "codec", ", ".join(f"{d} {v}" for d, v in found.items()) + " import together")
@@ -377,7 +377,9 @@ def diagnose(model: Path | None, output_dir: Path, *, find_ffmpeg: Callable[[], 
         ram = None
     findings = [check_python()]
     findings += check_torch(probe, gpus_seen)
-    findings += [f for f in [check_codec_stack(probe)] if f is not None]
+    codec = check_codec_stack(probe)
+    if codec is not None:
+        findings.append(codec)
     findings.append(check_ffmpeg(find_ffmpeg))
     findings += check_model(model, probe)
     findings += check_devices(probe, model, planner, ram)
