@@ -106,6 +106,7 @@ def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path 
             "model": steps.model_dict(model_dir, info, m.model),
             "shard": f"{shard_t[0]}/{shard_t[1]}" if shard_t else None,
             "summary": _summary(p), "warnings": [str(w) for w in m.warnings],
+            "until": [r.to_dict() for r in p.rolls.values()],
             "renders": [it.to_dict() for it in p.items],
         }, indent=2, ensure_ascii=False))
         return
@@ -117,7 +118,10 @@ def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path 
     out.print(f"{len(p.items)} renders: {counts['todo']} todo, {counts['rerender']} rerender, "
               f"{counts['skip']} skip (done), {counts['kept']} kept (not re-rendered); "
               f"~{p.minutes():.1f} audio minutes to render"
+              + (" (at most: until-jobs stop once enough takes pass)" if p.rolls else "")
               + (f"; {p.excluded} left to other shards / --only" if p.excluded else ""))
+    for line in _roll_lines(p):
+        out.print(line, markup=False, highlight=False)
     note = steps.kept_note(p, m.output_dir)
     if note:
         out.print(note, markup=False, highlight=False)
@@ -129,9 +133,29 @@ def _summary(p: Plan) -> dict[str, Any]:
             "audio_minutes_done": round(p.minutes(("skip",)), 3)}
 
 
+def _roll_lines(p: Plan) -> list[str]:
+    """What each until-job will do."""
+    lines = []
+    for roll in p.rolls.values():
+        head = (f"until {roll.job_id}: {roll.passing} of {roll.wanted} wanted takes pass, of "
+                f"{roll.done} done")
+        seeds = [it.render.seed for it in p.items
+                 if it.render.job_id == roll.job_id and it.status in TO_RUN]
+        if roll.met:
+            lines.append(f"{head}: met; its other seeds are spare (not rendered)")
+        elif seeds:
+            lines.append(f"{head}: renders seeds {_seeds_text(seeds)} in the job's order, a batch "
+                         f"at a time, until {roll.wanted - roll.passing} more pass "
+                         f"({roll.max_takes} takes at most)")
+        else:
+            lines.append(f"{head}: no seed left to render (max_takes {roll.max_takes})")
+    return lines
+
+
 def _plan_table(p: Plan, title: str) -> Table:
     t = Table(title=title, title_justify="left")
-    for col in ("job", "seeds", "todo", "rerender", "skip", "kept", "~minutes"):
+    cols = ("job", "seeds", "todo", "rerender", "skip", "kept") + (("spare",) if p.rolls else ())
+    for col in (*cols, "~minutes"):
         t.add_column(col, justify="left" if col in ("job", "seeds") else "right")
     per_job: dict[str, dict[str, Any]] = {}
     for it in p.items:
@@ -142,8 +166,8 @@ def _plan_table(p: Plan, title: str) -> Table:
         if it.status in TO_RUN:
             row["min"] += it.est_minutes
     for job_id, row in per_job.items():
-        t.add_row(job_id, _seeds_text(row["seeds"]), str(row["todo"]), str(row["rerender"]),
-                  str(row["skip"]), str(row["kept"]), f"{row['min']:.1f}")
+        t.add_row(job_id, _seeds_text(row["seeds"]), *(str(row[c]) for c in cols[2:]),
+                  f"{row['min']:.1f}")
     return t
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from khala_cli import exit_codes, outputs
+from khala_cli import analysis, exit_codes, outputs
 from khala_cli.cli import Failure
 from khala_cli.manifest import jobs as mf
 from khala_cli.manifest.checks import closest
@@ -193,7 +193,7 @@ def plan(m: mf.Manifest, info: Any, *, force: bool, only: tuple[str, ...],
     codes = m.save_codes if save_codes is None else save_codes
     renders = build_renders(m, info.fingerprint, save_codes=codes)
     return make_plan(renders, is_done=outputs.is_done, force=force, only=only, shard=shard,
-                     kept=read_marks(m.output_dir))
+                     kept=read_marks(m.output_dir), passes=analysis.passes)
 
 
 KEPT_SHOWN = 20  # keepers named in the note; the rest are counted
