@@ -92,8 +92,9 @@ def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path 
              max_renders: int) -> None:
     """Show what `khala render MANIFEST` would do: each render's status (todo: new;
     rerender: its outputs are from other settings, or --force; skip: already done; kept: a
-    keeper whose settings or model changed, not re-rendered without --force), and the audio
-    minutes to render. Writes nothing to the output directory."""
+    keeper whose settings or model changed, not re-rendered without --force; spare: an
+    until-job's seed not needed, enough of its takes pass), what each until-job will do, and
+    the audio minutes to render. Writes nothing to the output directory."""
     m = steps.load_manifest(manifest, max_renders=max_renders, output_dir=output_dir,
                             model=model, quiet=as_json)
     shard_t = steps.shard(shard)
