@@ -130,6 +130,15 @@ def test_seeds_beyond_max_takes_and_gates_without_until_are_warned_about(tmp_pat
                for w in m.warnings)
 
 
+def test_validate_and_plan_say_what_an_until_job_may_render(tmp_path):
+    path = write(tmp_path, {"seeds": [4], "until": {"passing": 1, "max_takes": 3}})
+    r = CliRunner().invoke(cli, ["validate", str(path)])
+    assert r.exit_code == 0 and "3 renders at most" in r.output
+    r = CliRunner().invoke(cli, ["plan", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "until song: 0 of 1 wanted takes pass, of 0 done: renders seeds 4-6" in r.output
+
+
 def test_the_until_field_does_not_change_a_render_key(tmp_path):
     plain = build_renders(mf.load(write(tmp_path, {"seeds": [1, 2]})), "fp")
     rolled = build_renders(mf.load(write(tmp_path, {"seeds": [1], "until": {

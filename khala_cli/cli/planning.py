@@ -52,7 +52,10 @@ def validate(manifest: Path | None, model: str | None, max_renders: int,
     steps.ffmpeg()
     minutes = sum(j.est_minutes * len(j.seeds) for j in m.jobs)
     click.echo(f"ok: {manifest}: {_plural(len(m.jobs), 'job')}, "
-               f"{_plural(m.render_count, 'render')}, ~{minutes:.1f} audio minutes; "
+               f"{_plural(m.render_count, 'render')}"
+               + (" at most (until-jobs stop once enough takes pass)"
+                  if any(j.until for j in m.jobs) else "")
+               + f", ~{minutes:.1f} audio minutes; "
                f"output {m.output_dir}")
     if m.model == "demo":
         click.echo(steps.DEMO_LINE + ("" if info else " It is built on first use."))

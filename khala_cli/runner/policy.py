@@ -71,7 +71,7 @@ class Item:
     log: str | None = None
     resumed: bool = False
     group: tuple = field(default=(), repr=False)  # render.batch_group: the takes of one song
-    roll: Roll | None = field(default=None, repr=False)  # its until-job's roll
+    roll: RollState | None = field(default=None, repr=False)  # its until-job's roll
     passed: bool | None = None  # an until take: whether it passes the gates
     gate_reasons: list[str] = field(default_factory=list)  # why it does not
 
@@ -80,7 +80,7 @@ class Item:
 
 
 @dataclass
-class Roll:
+class RollState:
     """One until-job's roll: its renders in seed order, and the takes that pass."""
 
     wanted: int  # K
@@ -127,11 +127,11 @@ class Policy:
         self.stopping = False  # an interrupt: nothing more goes out
         self.no_space: dict[str, str] | None = None  # the output disk refused a write
         self.finished: list[Item] = []  # outcomes decided since the last `take_finished`
-        self.rolls: dict[str, Roll] = {}
+        self.rolls: dict[str, RollState] = {}
         for it in self.items:
             if it.render.until is not None:
                 job = it.render.job_id
-                it.roll = self.rolls.setdefault(job, Roll(
+                it.roll = self.rolls.setdefault(job, RollState(
                     int(it.render.until["passing"]), int((passing or {}).get(job, 0))))
                 it.roll.items.append(it)
                 it.state = State.HELD
@@ -145,7 +145,7 @@ class Policy:
 
     # -- until-jobs ------------------------------------------------------------------------
 
-    def _roll_on(self, roll: Roll) -> None:
+    def _roll_on(self, roll: RollState) -> None:
         """Spare what a met roll holds; else, once its batch is over, release the next."""
         held = [it for it in roll.items if it.state is State.HELD]
         if roll.met:
