@@ -99,7 +99,8 @@ def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path 
     shard_t = steps.shard(shard)
     only_t = steps.only(m, only)
     model_dir, info = steps.model(m)
-    p = steps.plan(m, info, force=force, only=only_t, shard=shard_t, save_codes=save_codes)
+    p = steps.plan(m, info, force=force, only=only_t, shard=shard_t, save_codes=save_codes,
+                   model_dir=model_dir)
     if as_json:
         click.echo(json.dumps({
             "manifest": str(m.path), "output_dir": str(m.output_dir),
