@@ -334,16 +334,18 @@ def _parent_job(at: At, d: MarkedDict, idx: int, defaults: dict[str, Any]) -> Jo
     """A re-roll or extension: its parent take and time, its seeds and catalogue fields; the
     prompt and sampling settings come from the parent take when it is planned."""
     n_errors = len(at.ck.errors)
-    parent = _parent(at, d)
-    if "id" in d or "title" in d or parent is None:
-        job_id, title = _identity(at, d)
-    else:
-        job_id, title = child_id(parent.kind, parent.job_id, parent.seed, parent.seconds), None
+    named = "id" in d or "title" in d
+    job_id, title = _identity(at, d) if named else (None, None)
     at = replace(at, job=job_id or at.job)
+    parent = _parent(at, d)
+    if not named and parent is not None:
+        job_id = child_id(parent.kind, parent.job_id, parent.seed, parent.seconds)
+        at = replace(at, job=job_id)
     for key in d:
         if key not in PARENT_JOB_KEYS + PARENT_KINDS:
-            at.key(d, key).error(f"a {parent.kind if parent else 're-roll'} keeps its parent "
-                                 f"take's prompt and settings: remove `{key}`")
+            what = "an extension" if "extend" in d else "a re-roll"
+            at.key(d, key).error(f"{what} keeps its parent take's prompt and settings: "
+                                 f"remove `{key}`")
     s = {**{k: FIELDS[k].default for k in SETTING_KEYS}, **defaults, **check_settings(at, d)}
     track = FIELDS["track"].check(at.key(d, "track"), d["track"]) if "track" in d else None
     if len(at.ck.errors) > n_errors or job_id is None or parent is None:
