@@ -295,6 +295,9 @@ def _finish(m: Manifest, p: Plan, result: RunResult, run_info: rp.RunInfo, quiet
                   f"{paths['latest_json'].name})")
         if page:
             out.print(f"review page: {page}")
+    if p.waiting:
+        steps.warn(steps.waiting_note(p.waiting, "render them once the parent renders: run "
+                                      "the same command again"))
     if result.no_space:
         _echo_err(f"error: {_no_space_text(result.no_space, m.output_dir, p)}")
     return s["exit_code"]

@@ -229,3 +229,9 @@ def kept_note(p: Plan, output_dir: Path) -> str | None:
             f"{output_dir} --drop JOB:SEED` to let them re-render, or pass --force to "
             "re-render them anyway (the old versions move to "
             f"{output_dir / outputs.SUPERSEDED}/)")
+
+
+def waiting_note(waiting: list[tuple[str, str]], then: str) -> str:
+    """The line naming re-rolls and extensions whose parent take is not rendered yet."""
+    jobs = ", ".join(f"{job} (of {take})" for job, take in waiting)
+    return f"waiting for their parent take: {jobs}; `khala render` will {then}"
