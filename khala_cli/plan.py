@@ -45,6 +45,9 @@ class Render(mn.Controls):
     # An until-job's roll, the same on each of its renders (not in the key): {passing: K,
     # max_takes: M, flags: [...] or None (any flag fails), min_score: float or None}
     until: dict[str, Any] | None = None
+    # a re-roll or extension: the parent take it continues (mend.Parent.record(), frozen in
+    # the render key): job_id, seed, render_key, kind, kept_frames, frames, cut_s, files
+    parent: dict[str, Any] | None = None
 
     def path(self, suffix: str) -> Path:
         """Output file path for a suffix such as '.wav', '.mp3', '.json', '.codes.npy'."""
@@ -53,8 +56,10 @@ class Render(mn.Controls):
     @property
     def batch_group(self) -> tuple:
         """Renders with equal groups differ only by seed and may share one batched forward."""
+        cut = None if self.parent is None else (self.parent["render_key"],
+                                                 self.parent["kept_frames"])
         return (self.job_id, self.mode, self.prompt_mode, self.tags, self.prompt, self.lyrics,
-                *mn.controls_of(self).values())
+                *mn.controls_of(self).values(), cut)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -118,10 +123,12 @@ def until_of(job: Job) -> dict[str, Any] | None:
 def build_renders(manifest: Manifest, fingerprint: str, *, output_dir: str | Path | None = None,
                   save_codes: bool = False) -> list[Render]:
     """Every job at every seed, in manifest order (an until-job's seeds in the order they
-    roll)."""
+    roll; re-rolls and extensions aside)."""
     root = Path(output_dir or manifest.output_dir).resolve()
     renders = []
     for job in manifest.jobs:
+        if job.parent is not None:
+            continue  # its renders need the parent take on disk: mend.child_renders
         out_dir = job_dir(root, job.id)
         until = until_of(job)
         for seed in job.seeds:
@@ -209,7 +216,7 @@ def shard_of(render: Render, n: int) -> int:
 @dataclass(frozen=True)
 class PlannedRender:
     render: Render
-    status: str  # todo | skip | rerender | kept
+    status: str  # todo | skip | rerender | kept | spare
     reason: str = ""
     est_minutes: float = 0.0
 
@@ -249,6 +256,8 @@ class Plan:
     excluded: int = 0  # renders of the manifest left to other shards or outside --only
     shard: tuple[int, int] | None = None
     rolls: dict[str, Roll] = field(default_factory=dict)  # the until-jobs, by job id
+    # (job, parent take) of re-rolls and extensions whose parent this run renders first
+    waiting: list[tuple[str, str]] = field(default_factory=list)
 
     def passing(self) -> dict[str, int]:
         """The takes on disk that pass, per until-job: the runner's policy counts on."""

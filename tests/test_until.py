@@ -139,6 +139,17 @@ def test_validate_and_plan_say_what_an_until_job_may_render(tmp_path):
     assert "until song: 0 of 1 wanted takes pass, of 0 done: renders seeds 4-6" in r.output
 
 
+def test_a_reroll_job_may_roll_until_its_takes_pass(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"model": "demo", "jobs": [
+        {"id": "song", "tags": ["Piano"], "lyrics": "la"},
+        {"reroll": {"take": "song:1", "from": 1.0}, "seeds": [5],
+         "until": {"passing": 1, "max_takes": 3}, "gates": {"min_score": -9}}]}))
+    job = mf.load(path).jobs[1]
+    assert job.parent is not None and job.seeds == (5, 6, 7)
+    assert job.until == {"passing": 1, "max_takes": 3}
+
+
 def test_the_until_field_does_not_change_a_render_key(tmp_path):
     plain = build_renders(mf.load(write(tmp_path, {"seeds": [1, 2]})), "fp")
     rolled = build_renders(mf.load(write(tmp_path, {"seeds": [1], "until": {

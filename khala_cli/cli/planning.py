@@ -103,7 +103,8 @@ def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path 
     shard_t = steps.shard(shard)
     only_t = steps.only(m, only)
     model_dir, info = steps.model(m)
-    p = steps.plan(m, info, force=force, only=only_t, shard=shard_t, save_codes=save_codes)
+    p = steps.plan(m, info, force=force, only=only_t, shard=shard_t, save_codes=save_codes,
+                   model_dir=model_dir)
     if as_json:
         click.echo(json.dumps({
             "manifest": str(m.path), "output_dir": str(m.output_dir),
@@ -111,6 +112,7 @@ def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path 
             "shard": f"{shard_t[0]}/{shard_t[1]}" if shard_t else None,
             "summary": _summary(p), "warnings": [str(w) for w in m.warnings],
             "until": [r.to_dict() for r in p.rolls.values()],
+            "waiting": [{"job_id": j, "parent": t} for j, t in p.waiting],
             "renders": [it.to_dict() for it in p.items],
         }, indent=2, ensure_ascii=False))
         return
@@ -129,6 +131,9 @@ def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path 
     note = steps.kept_note(p, m.output_dir)
     if note:
         out.print(note, markup=False, highlight=False)
+    if p.waiting:
+        out.print(steps.waiting_note(p.waiting, "render them once it is rendered, in the same "
+                                     "run"), markup=False, highlight=False)
 
 
 def _summary(p: Plan) -> dict[str, Any]:
