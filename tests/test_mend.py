@@ -265,3 +265,19 @@ def test_cut_snaps_to_a_whole_frame(rendered):
     c = mend.cut(parent, spec, fingerprint=parent.data["model"]["fingerprint"],
                  max_seq_len=10_000)
     assert c.kept_frames == round(2.02 * 44100 / HOP) and c.to_frames is None
+
+
+def test_rerolls_are_kept_and_exported_as_takes_of_their_own(rendered, tmp_path):
+    root = rendered[0]
+    takes = ["anthem:7", f"{CHILD}:7", f"{CHILD}:8", "anthem-long:7"]
+    proc = khala(root, "keep", "out", *takes)
+    assert proc.returncode == 0, proc.stderr
+    dest = tmp_path / "catalogue"
+    proc = khala(root, "export", "out", str(dest), "--format", "wav", "--loudness", "off")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((dest / "catalogue.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    files = [r["file"] if "file" in r else r["files"]["wav"] for r in rows]
+    assert len(rows) == 4 and len(set(files)) == 4
+    assert {(r["job_id"], r["seed"]) for r in rows} == {
+        (t.rsplit(":", 1)[0], int(t.rsplit(":", 1)[1])) for t in takes}
