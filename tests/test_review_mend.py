@@ -285,10 +285,11 @@ def test_children_are_kept_as_takes_of_their_own_job(mended):
             _row(d, take).find_element(By.CSS_SELECTOR, "input.keep-box").click()
         shown = d.find_element(By.ID, "keep-cmd").text
         assert browser.console_errors(d) == []
-    assert shown == keep_command(str(mended), [("song-s1-from-0m01s", 12),
-                                               ("gone-s4-from-0m01s", 1)], [])
+    # in page order: the job with the missing parent comes first (jobs go by id)
+    assert shown == keep_command(str(mended), [("gone-s4-from-0m01s", 1),
+                                               ("song-s1-from-0m01s", 12)], [])
     proc = subprocess.run([sys.executable, "-m", "khala_cli", *shown.split()[1:]],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     from khala_cli.review.keep import read_marks
-    assert read_marks(mended) == [("song-s1-from-0m01s", 12), ("gone-s4-from-0m01s", 1)]
+    assert read_marks(mended) == [("gone-s4-from-0m01s", 1), ("song-s1-from-0m01s", 12)]
