@@ -268,6 +268,8 @@ def sidecar(render: Render, *, sample_rate: int, channels: int, samples: int,
         "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "files": files,
     }
+    if info.get("parent"):  # a re-roll or extension: what it keeps of which take
+        data["parent"] = dict(info["parent"])
     if demo:
         data["note"] = DEMO_NOTE
     return data

@@ -42,6 +42,9 @@ class Render(mn.Controls):
     lyrics: str = ""  # cleaned
     save_codes: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # a re-roll or extension: the parent take it continues (mend.Parent.record(), frozen in
+    # the render key): job_id, seed, render_key, kind, kept_frames, frames, cut_s, files
+    parent: dict[str, Any] | None = None
 
     def path(self, suffix: str) -> Path:
         """Output file path for a suffix such as '.wav', '.mp3', '.json', '.codes.npy'."""
@@ -50,8 +53,10 @@ class Render(mn.Controls):
     @property
     def batch_group(self) -> tuple:
         """Renders with equal groups differ only by seed and may share one batched forward."""
+        cut = None if self.parent is None else (self.parent["render_key"],
+                                                 self.parent["kept_frames"])
         return (self.job_id, self.mode, self.prompt_mode, self.tags, self.prompt, self.lyrics,
-                *mn.controls_of(self).values())
+                *mn.controls_of(self).values(), cut)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -102,10 +107,12 @@ FROM_JOB = ("title", "artist", "album", "track", "year", "genre", "mode", "promp
 
 def build_renders(manifest: Manifest, fingerprint: str, *, output_dir: str | Path | None = None,
                   save_codes: bool = False) -> list[Render]:
-    """Every job at every seed, in manifest order."""
+    """Every job at every seed, in manifest order (re-rolls and extensions aside)."""
     root = Path(output_dir or manifest.output_dir).resolve()
     renders = []
     for job in manifest.jobs:
+        if job.parent is not None:
+            continue  # its renders need the parent take on disk: mend.child_renders
         out_dir = job_dir(root, job.id)
         for seed in job.seeds:
             renders.append(Render(
@@ -211,6 +218,8 @@ class Plan:
     items: list[PlannedRender]
     excluded: int = 0  # renders of the manifest left to other shards or outside --only
     shard: tuple[int, int] | None = None
+    # (job, parent take) of re-rolls and extensions whose parent this run renders first
+    waiting: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def to_run(self) -> list[Render]:

@@ -38,7 +38,7 @@ def cli() -> None:
 
 def _register() -> None:
     # Each command lives in its own module; importing registers it on `cli`.
-    from khala_cli.cli import bench, catalogue, models, planning, render, review  # noqa: F401
+    from khala_cli.cli import bench, catalogue, mend, models, planning, render, review  # noqa: F401
 
 
 def main() -> None:

@@ -99,13 +99,15 @@ def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path 
     shard_t = steps.shard(shard)
     only_t = steps.only(m, only)
     model_dir, info = steps.model(m)
-    p = steps.plan(m, info, force=force, only=only_t, shard=shard_t, save_codes=save_codes)
+    p = steps.plan(m, info, force=force, only=only_t, shard=shard_t, save_codes=save_codes,
+                   model_dir=model_dir)
     if as_json:
         click.echo(json.dumps({
             "manifest": str(m.path), "output_dir": str(m.output_dir),
             "model": steps.model_dict(model_dir, info, m.model),
             "shard": f"{shard_t[0]}/{shard_t[1]}" if shard_t else None,
             "summary": _summary(p), "warnings": [str(w) for w in m.warnings],
+            "waiting": [{"job_id": j, "parent": t} for j, t in p.waiting],
             "renders": [it.to_dict() for it in p.items],
         }, indent=2, ensure_ascii=False))
         return
@@ -121,6 +123,9 @@ def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path 
     note = steps.kept_note(p, m.output_dir)
     if note:
         out.print(note, markup=False, highlight=False)
+    if p.waiting:
+        out.print(steps.waiting_note(p.waiting, "render them once it is rendered, in the same "
+                                     "run"), markup=False, highlight=False)
 
 
 def _summary(p: Plan) -> dict[str, Any]:

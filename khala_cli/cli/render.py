@@ -113,16 +113,20 @@ class RenderOptions:
         return RunOptions(model_dir=str(model_dir), output_dir=str(output_dir), **shared)
 
 
-def _click_options(fn: Callable) -> Callable:
-    for f in reversed(fields(RenderOptions)):
-        fn = click.option(*f.metadata["decls"], f.name, default=f.default,
-                          **f.metadata["click"])(fn)
-    return fn
+def click_options(skip: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """The RenderOptions fields as click options, but those in `skip`."""
+    def wrap(fn: Callable) -> Callable:
+        for f in reversed(fields(RenderOptions)):
+            if f.name not in skip:
+                fn = click.option(*f.metadata["decls"], f.name, default=f.default,
+                                  **f.metadata["click"])(fn)
+        return fn
+    return wrap
 
 
 @cli.command()
 @steps.MANIFEST_ARG
-@_click_options
+@click_options()
 def render(manifest: Path, **given: Any) -> None:
     """Render every job x seed of MANIFEST that is not done yet.
 
@@ -137,9 +141,16 @@ def render(manifest: Path, **given: Any) -> None:
 
 def run(manifest: Path, o: RenderOptions) -> int:
     """Check everything, render what is not done, write the report; the run's exit code."""
-    started = datetime.now(timezone.utc)
     m = steps.load_manifest(manifest, max_renders=o.max_renders, output_dir=o.output_dir,
                             model=o.model, quiet=o.quiet)
+    return run_manifest(m, o, f"khala render {manifest}")
+
+
+def run_manifest(m: Manifest, o: RenderOptions, label: str) -> int:
+    """`run` for a loaded manifest (`khala reroll` and `extend` make theirs); `label` opens
+    the run's first line."""
+    started = datetime.now(timezone.utc)
+    manifest = label
     shard = steps.shard(o.shard)
     only = steps.only(m, o.only)
     n_devices = len(steps.devices(o.devices, o.decode_path))
@@ -153,8 +164,11 @@ def run(manifest: Path, o: RenderOptions) -> int:
     with _writable(m.output_dir), steps.locked(m.output_dir, purpose="khala render",
                                                shard=shard, on_lost=_stop_self):
         p = steps.plan(m, info, force=o.force, only=only, shard=shard,
-                       save_codes=o.save_codes)
+                       save_codes=o.save_codes, model_dir=model_dir)
         result = _execute(m, p, o, model_dir, n_devices, shard, manifest)
+        if p.waiting and not (result.interrupted or result.no_space):
+            p, result = _after_parents(m, p, result, o, (model_dir, info), n_devices, shard,
+                                       manifest)
         run_info = rp.RunInfo(
             manifest=str(m.path), output_dir=str(m.output_dir),
             model=steps.model_dict(model_dir, info, m.model), started_at=started,
@@ -162,6 +176,25 @@ def run(manifest: Path, o: RenderOptions) -> int:
             device_busy_s=dict(result.device_busy_s or {}), shard=shard,
             no_space=result.no_space, options=o.reported(), excluded=p.excluded)
         return _finish(m, p, result, run_info, o.quiet)
+
+
+def _after_parents(m: Manifest, p: Plan, result: RunResult, o: RenderOptions,
+                   model: tuple[Path, Any], n_devices: int, shard: tuple[int, int] | None,
+                   manifest: str) -> tuple[Plan, RunResult]:
+    """The re-rolls and extensions that waited for their parent takes, planned now that the
+    parents are on disk; the run's plan and result with theirs added."""
+    waited = {job for job, _ in p.waiting}
+    model_dir, info = model
+    p2 = steps.plan(m, info, force=o.force, only=tuple(waited), shard=shard,
+                    save_codes=o.save_codes, model_dir=model_dir, after_parents=True)
+    r2 = _execute(m, p2, o, model_dir, n_devices, shard, manifest)
+    plan = Plan(items=p.items + p2.items, excluded=p.excluded, shard=p.shard,
+                waiting=p2.waiting)
+    busy = dict(result.device_busy_s or {})
+    for dev, s in (r2.device_busy_s or {}).items():
+        busy[dev] = busy.get(dev, 0.0) + s
+    return plan, RunResult(list(result.outcomes) + list(r2.outcomes), r2.interrupted, busy,
+                           r2.no_space)
 
 
 def _echo_err(text: str) -> None:
@@ -192,11 +225,11 @@ def _stop_self() -> None:
 
 
 def _execute(m: Manifest, p: Plan, o: RenderOptions, model_dir: Path, n_devices: int,
-             shard: tuple[int, int] | None, manifest: Path) -> RunResult:
+             shard: tuple[int, int] | None, manifest: str) -> RunResult:
     """Render the plan's renders to do, showing the run as it goes."""
     shown, log = display.for_run(len(p.to_run), o.quiet)
     counts = p.counts()
-    log.line(f"khala render {manifest}: {len(p.items)} renders, {len(p.to_run)} to render "
+    log.line(f"{manifest}: {len(p.items)} renders, {len(p.to_run)} to render "
              f"({counts['rerender']} re-render), {counts['skip']} already done; "
              f"~{p.minutes():.1f} audio minutes; output {m.output_dir}"
              + (f"; shard {shard[0]}/{shard[1]}" if shard else ""))
@@ -262,6 +295,9 @@ def _finish(m: Manifest, p: Plan, result: RunResult, run_info: rp.RunInfo, quiet
                   f"{paths['latest_json'].name})")
         if page:
             out.print(f"review page: {page}")
+    if p.waiting:
+        steps.warn(steps.waiting_note(p.waiting, "render them once the parent renders: run "
+                                      "the same command again"))
     if result.no_space:
         _echo_err(f"error: {_no_space_text(result.no_space, m.output_dir, p)}")
     return s["exit_code"]

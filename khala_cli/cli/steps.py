@@ -10,8 +10,9 @@ from typing import Any
 
 import click
 
-from khala_cli import exit_codes, outputs
+from khala_cli import exit_codes, mend, outputs
 from khala_cli.cli import Failure
+from khala_cli.engine.config import TransformerConfig
 from khala_cli.manifest import jobs as mf
 from khala_cli.manifest.checks import closest
 from khala_cli.plan import Plan, build_renders, make_plan, parse_shard
@@ -186,14 +187,30 @@ def codec_stack() -> None:
 
 
 def plan(m: mf.Manifest, info: Any, *, force: bool, only: tuple[str, ...],
-         shard: tuple[int, int] | None, save_codes: bool | None) -> Plan:
+         shard: tuple[int, int] | None, save_codes: bool | None,
+         model_dir: Path | None = None, after_parents: bool = False) -> Plan:
     """The plan of a run; `save_codes` None: the manifest's `save_codes` (default true). The
     keepers of the output directory are never re-rendered for a changed setting without
-    `force`."""
+    `force`. Re-rolls and extensions are planned from their parent takes on disk; those whose
+    parent this run renders first wait for it (`Plan.waiting`); `after_parents`: the run
+    has rendered them, so only a parent that is still not done (it failed) holds them."""
     codes = m.save_codes if save_codes is None else save_codes
     renders = build_renders(m, info.fingerprint, save_codes=codes)
-    return make_plan(renders, is_done=outputs.is_done, force=force, only=only, shard=shard,
-                     kept=read_marks(m.output_dir))
+    todo = {(r.job_id, r.seed) for r in renders
+            if (force and not after_parents) or not outputs.is_done(r)}
+    kids = mend.Children([], [])
+    if any(j.parent for j in m.jobs):
+        seq = TransformerConfig.from_json(Path(model_dir) / "backbone.json").max_seq_len
+        try:
+            kids = mend.manifest_children(m, fingerprint=info.fingerprint, max_seq_len=seq,
+                                          save_codes=codes, planned=todo)
+        except mend.MendError as exc:
+            raise Failure(exit_codes.USAGE, f"error: {exc}", "  nothing was rendered or "
+                          "written") from None
+    p = make_plan(renders + kids.renders, is_done=outputs.is_done, force=force, only=only,
+                  shard=shard, kept=read_marks(m.output_dir))
+    p.waiting = [(j.id, j.parent.take) for j in kids.waiting if not only or j.id in only]
+    return p
 
 
 KEPT_SHOWN = 20  # keepers named in the note; the rest are counted
@@ -212,3 +229,9 @@ def kept_note(p: Plan, output_dir: Path) -> str | None:
             f"{output_dir} --drop JOB:SEED` to let them re-render, or pass --force to "
             "re-render them anyway (the old versions move to "
             f"{output_dir / outputs.SUPERSEDED}/)")
+
+
+def waiting_note(waiting: list[tuple[str, str]], then: str) -> str:
+    """The line naming re-rolls and extensions whose parent take is not rendered yet."""
+    jobs = ", ".join(f"{job} (of {take})" for job, take in waiting)
+    return f"waiting for their parent take: {jobs}; `khala render` will {then}"

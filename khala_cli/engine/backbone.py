@@ -13,6 +13,14 @@ prefilled alone into a KV cache of its own length; each step's products are row 
 (transformer.row_linear); each song's rows attend over their own cache in a call of their
 own; rows are sampled in groups of equal settings with noise keyed on (seed, step,
 candidate). On the eager path a row that ends leaves the batch (its cache row is reused).
+
+A song may start from a kept prefix (`Song.prefix`: a parent take's first frames). After
+the prompt's prefill the prefix tokens are replayed through the decode step itself, a chunk
+of positions at a time: each position is a row of the step's row products and a query of
+its own over exactly its past keys, so the KV cache holds the very bits the parent's decode
+wrote, and each prefix token's log-probability is the one it was drawn with. Decoding goes
+on at step len(prefix) (the noise keys line up with the parent's); each row keeps its own
+step, so songs with prefixes of different lengths share a batch.
 """
 
 from __future__ import annotations
@@ -26,9 +34,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from khala_cli.engine.sampling import STREAM_BACKBONE, row_keys, sample_top_k, seed_tensor
+from khala_cli.engine.sampling import (
+    STREAM_BACKBONE,
+    logprob_of,
+    row_keys,
+    sample_top_k,
+    seed_tensor,
+)
 from khala_cli.engine.tokens import TokenLayout
-from khala_cli.engine.transformer import Span, Transformer, row_linear
+from khala_cli.engine.transformer import ROW_MAX, Span, Transformer, row_linear
 
 CHECK_EVERY = 64  # steps between host looks (stop at end-of-song, progress)
 # Compiled / graphed steps read keys up to the next multiple of this, with a causal mask
@@ -38,13 +52,18 @@ KV_BUCKET = 1024
 
 @dataclass(frozen=True)
 class Song:
-    """One prompt's rows in a backbone batch: its seeds, sampling settings and token cap."""
+    """One prompt's rows in a backbone batch: its seeds, sampling settings and token cap
+    (max_new_tokens: the row's tokens from step 0, a kept prefix included)."""
 
     prompt_ids: list[int]
     seeds: list[int]
     top_k: int
     temperature: float
     max_new_tokens: int
+    # raw ids of kept q0/q1 pairs (interleaved, offsets added; see prefix_ids): every row
+    # starts with them and decodes on from step len(prefix)
+    prefix: tuple[int, ...] = ()
+    allow_end: bool = True  # False: end-of-song is never drawn; rows run to their cap
 
 
 @dataclass(frozen=True)
@@ -52,7 +71,8 @@ class _Row:
     song: int  # index into the batch's songs
     seed: int
     prompt_len: int
-    cap: int  # tokens this row may decode (its song's cap, within the sequence length)
+    cap: int  # tokens this row may hold (its song's cap, within the sequence length)
+    start: int = 0  # tokens it starts with (its song's prefix)
 
 
 class _Decoder:
@@ -72,49 +92,63 @@ class _Decoder:
         self.weights = {0: w[self.ids[0]].contiguous(), 1: w[q1[0] : q1[1]]}
         self.keys = row_keys(seed_tensor([r.seed for r in rows], dev), STREAM_BACKBONE)
         b = len(rows)
-        self.tokens = torch.zeros(b, width, dtype=torch.int64, device=dev)
+        # -1: no id, so a look for end-of-song never sees a token not yet written
+        self.tokens = torch.full((b, width), -1, dtype=torch.int64, device=dev)
         self.logp = torch.zeros(b, width, dtype=torch.float32, device=dev)
         self.tok = torch.zeros(b, dtype=torch.int64, device=dev)  # last sampled token
         # where `tok` goes in: one position for all rows, or each row its own ([B, 1])
         self.pos = torch.zeros((b, 1) if per_row_pos else (1,), dtype=torch.int64, device=dev)
         self.last_pos = model.cache_len - 1  # a row past its cap stays inside the cache
-        self.step = torch.zeros(1, dtype=torch.int64, device=dev)  # index of the next token
+        # each row's index of its next token (its noise step); a row past its cap writes
+        # at index cap, never into its kept tokens
+        self.step = torch.tensor([r.start for r in rows], dtype=torch.int64, device=dev)
+        self.cap = torch.tensor([r.cap for r in rows], dtype=torch.int64, device=dev)
         self.regroup()
 
     def regroup(self) -> None:
-        """Sampling groups: live slots of equal (top_k, temperature), as index tensors (None:
-        every slot, the one-setting case)."""
+        """Sampling groups: live slots of equal (top_k, temperature, allow_end), as index
+        tensors (None: every slot, the one-setting case)."""
         dev = self.tok.device
-        by: dict[tuple[int, float], list[int]] = {}
+        by: dict[tuple[int, float, bool], list[int]] = {}
         for i, r in enumerate(self.rows):
             song = self.songs[r.song]
-            by.setdefault((song.top_k, song.temperature), []).append(i)
-        self.groups = [(k, t, None if len(by) == 1 else torch.tensor(ix, device=dev))
-                       for (k, t), ix in by.items()]
+            by.setdefault((song.top_k, song.temperature, song.allow_end), []).append(i)
+        self.groups = [(k, t, end, None if len(by) == 1 else torch.tensor(ix, device=dev))
+                       for (k, t, end), ix in by.items()]
+
+    def _draw(self, logits: Tensor, parity: int, top_k: int, temperature: float, end: bool,
+              ix: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One group's draw; without `end` the q0 draw leaves end-of-song (the last
+        candidate) out."""
+        ids = self.ids[parity]
+        if ix is not None:
+            logits = logits[ix]
+        if parity == 0 and not end:
+            logits, ids = logits[:, :-1], ids[:-1]
+        keys, step = (self.keys, self.step) if ix is None else (self.keys[ix], self.step[ix])
+        return sample_top_k(logits, keys, top_k=top_k, temperature=temperature, step=step,
+                            candidate_ids=ids, with_logprob=True)
 
     def sample(self, hidden: Tensor, parity: int) -> None:
-        """Sample token `step` from hidden [B, hidden]; record it; advance the counters."""
+        """Sample each row's token `step` from hidden [B, hidden]; record it; advance the
+        counters."""
         logits = row_linear(hidden, self.weights[parity])
         if len(self.groups) == 1:  # one setting for every row: no gathering
-            top_k, temperature, _ = self.groups[0]
-            tok, logp = sample_top_k(logits, self.keys, top_k=top_k, temperature=temperature,
-                                     step=self.step, candidate_ids=self.ids[parity],
-                                     with_logprob=True)
+            tok, logp = self._draw(logits, parity, *self.groups[0])
         else:
             tok, logp = torch.empty_like(self.tok), torch.empty_like(self.logp[:, 0])
-            for top_k, temperature, ix in self.groups:
-                t, lp = sample_top_k(logits[ix], self.keys[ix], top_k=top_k,
-                                     temperature=temperature, step=self.step,
-                                     candidate_ids=self.ids[parity], with_logprob=True)
-                tok.index_copy_(0, ix, t)
-                logp.index_copy_(0, ix, lp)
-        self.tokens.index_copy_(1, self.step, tok[:, None])
-        self.logp.index_copy_(1, self.step, logp[:, None])
+            for group in self.groups:
+                t, lp = self._draw(logits, parity, *group)
+                tok.index_copy_(0, group[-1], t)
+                logp.index_copy_(0, group[-1], lp)
+        self.tokens.scatter_(1, self.step[:, None], tok[:, None])
+        self.logp.scatter_(1, self.step[:, None], logp[:, None])
         self.tok.copy_(tok)
         self.pos.add_(1)
         if self.pos.dim() == 2:
             self.pos.clamp_(max=self.last_pos)
         self.step.add_(1)
+        torch.minimum(self.step, self.cap, out=self.step)
 
     def step_fn(self, parity: int, kv_len: int, masked: bool = True,
                 spans: Sequence[Span] | None = None) -> None:
@@ -181,13 +215,17 @@ def decode_songs(
     A row runs until its song's cap (within the sequence length) or until it has emitted
     end-of-song (looked at every `check_every` steps, so a row may run on past its end:
     ignore what follows it). stop_at_end=False always decodes to the cap (benchmarks).
+    A song's rows begin with its prefix (their log-probabilities computed in its replay).
     """
     if any(not s.prompt_ids for s in songs):
         raise ValueError("the backbone needs a non-empty prompt")
     seq_cap = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
     rows = [_Row(i, int(seed), len(s.prompt_ids),
-                 max(0, min(int(s.max_new_tokens), seq_cap - len(s.prompt_ids))))
+                 max(0, min(int(s.max_new_tokens), seq_cap - len(s.prompt_ids))),
+                 len(s.prefix))
             for i, s in enumerate(songs) for seed in s.seeds]
+    for r in rows:
+        _check_prefix(layout, songs[r.song].prefix, r.cap)
     out: dict[int, RowTokens] = {}
     empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
     live = [(i, r) for i, r in enumerate(rows) if r.cap > 0]
@@ -202,6 +240,32 @@ def decode_songs(
     return results
 
 
+def _check_prefix(layout: TokenLayout, prefix: tuple[int, ...], cap: int) -> None:
+    """A prefix is whole q0/q1 pairs of audio ids that leave the row something to decode."""
+    if not prefix:
+        return
+    if len(prefix) % 2:
+        raise ValueError(f"a kept prefix must be whole q0/q1 pairs, got {len(prefix)} tokens")
+    ids = np.asarray(prefix, dtype=np.int64)
+    for parity in (0, 1):
+        lo, hi = layout.layer_range(parity)
+        if ids[parity::2].min() < lo or ids[parity::2].max() >= hi:
+            raise ValueError(f"kept prefix: its q{parity} tokens must be ids {lo}..{hi - 1}")
+    if len(prefix) >= cap:
+        raise ValueError(f"a kept prefix of {len(prefix)} tokens leaves nothing to decode "
+                         f"under the row's cap of {cap} tokens")
+
+
+def prefix_ids(layout: TokenLayout, q01: np.ndarray) -> tuple[int, ...]:
+    """Codes int64 [2, frames] -> Song.prefix: raw ids, q0 and q1 interleaved with the
+    layer offsets added (split_codes' inverse)."""
+    q01 = np.asarray(q01, dtype=np.int64)
+    if q01.ndim != 2 or q01.shape[0] != 2:
+        raise ValueError(f"kept q0/q1 codes must be [2, frames], got {q01.shape}")
+    ids = q01 + np.array([[layout.layer_start(0)], [layout.layer_start(1)]])
+    return tuple(int(i) for i in ids.T.reshape(-1))
+
+
 def _decode(model: Transformer, layout: TokenLayout, songs: Sequence[Song], rows: list[_Row],
             seq_cap: int, *, progress, stop_at_end: bool, check_every: int, compile: bool,
             cuda_graphs: bool) -> list[RowTokens]:
@@ -209,7 +273,7 @@ def _decode(model: Transformer, layout: TokenLayout, songs: Sequence[Song], rows
     device = model.embed.weight.device
     graphs = cuda_graphs and device.type == "cuda"
     eager = not (graphs or compile)
-    width = max(r.cap for r in rows)
+    width = max(r.cap for r in rows) + 1  # + 1: where a row past its cap writes
     used = sorted({r.song for r in rows})
     if eager:  # each song its own cache, of the length it would have alone
         model.setup_caches([(sum(r.song == s for r in rows),
@@ -220,9 +284,9 @@ def _decode(model: Transformer, layout: TokenLayout, songs: Sequence[Song], rows
         # buffers): at the cap they are the same for every song of a batch size, so a
         # worker compiles once per batch size rather than once per prompt and song length.
         model.setup_cache(len(rows), seq_cap)
-        width = seq_cap
+        width = seq_cap + 1
     try:
-        mixed = len({r.prompt_len for r in rows}) > 1
+        mixed = len({r.prompt_len + r.start for r in rows}) > 1
         st = _Decoder(model, layout, songs, rows, width, per_row_pos=mixed and not eager)
         _prefill(model, st, songs, rows, eager)
         step = _step_runner(model, st, compile=compile, graphs=graphs)
@@ -241,26 +305,64 @@ def _decode(model: Transformer, layout: TokenLayout, songs: Sequence[Song], rows
 
 def _prefill(model: Transformer, st: _Decoder, songs: Sequence[Song], rows: list[_Row],
              eager: bool) -> None:
-    """Prefill each song once, alone, copy its prompt's keys/values to each of its rows,
-    and sample token 0 of every row: the same numbers whatever the batch."""
+    """Prefill each song once, alone, replay its prefix, copy its keys/values to each of
+    its rows, and sample each row's first new token: the same numbers whatever the batch."""
     device = model.embed.weight.device
     last = []
     for g, s in enumerate(sorted({r.song for r in rows})):
-        ids = songs[s].prompt_ids
-        p = len(ids)
+        song = songs[s]
+        p, n = len(song.prompt_ids), len(song.prefix)
         mine = [i for i, r in enumerate(rows) if r.song == s]
         cache, first = (g, 0) if eager else (0, mine[0])
-        prompt = torch.tensor([ids], dtype=torch.int64, device=device)
+        prompt = torch.tensor([song.prompt_ids], dtype=torch.int64, device=device)
         h = model.decode_hidden(prompt, torch.arange(p, device=device), p, masked=False,
-                                cache=cache, row=first)
+                                cache=cache, row=first)[:, -1]
+        if n:
+            h = _replay(model, st, song, h, Span(cache, 1, p, first), mine)
         for i in mine[1:]:
-            model.copy_cache_row(first, p, cache=cache, dst=i - mine[0] if eager else i)
-        last.append(h[:, -1].expand(len(mine), -1))
+            model.copy_cache_row(first, p + n, cache=cache, dst=i - mine[0] if eager else i)
+        last.append(h.expand(len(mine), -1))
         if st.pos.dim() == 2:
-            st.pos[mine] = p - 1
-    if st.pos.dim() == 1:
-        st.pos.fill_(rows[0].prompt_len - 1)  # `sample` advances it to p, where token 0 goes
+            st.pos[mine] = p + n - 1
+    if st.pos.dim() == 1:  # `sample` advances it to where the first new token goes
+        st.pos.fill_(rows[0].prompt_len + rows[0].start - 1)
     st.sample(torch.cat(last), 0)
+
+
+def _replay(model: Transformer, st: _Decoder, song: Song, hidden: Tensor, at: Span,
+            mine: list[int]) -> Tensor:
+    """Feed a song's prefix through the decode step into one cache row (`at`: the row and
+    the prompt's length), ROW_MAX positions a step, each position a row of the step's
+    products and a query over exactly its past keys, as the parent's decode computed it.
+    Records the prefix and its log-probabilities in the song's rows `mine`; returns the
+    hidden state [1, hidden] the first new token is drawn from. hidden: the prompt's last
+    [1, hidden], which drew token 0."""
+    ids = torch.tensor(song.prefix, dtype=torch.int64, device=hidden.device)
+    n = len(ids)
+    logp = [_logprobs(st, song, hidden, ids[:1], 0)]
+    for j0 in range(0, n, ROW_MAX):
+        j1 = min(n, j0 + ROW_MAX)
+        spans = [Span(at.cache, 1, at.pos + j, at.row) for j in range(j0, j1)]
+        hidden = model.step_hidden(ids[j0:j1], spans)  # drew tokens j0 + 1 .. j1
+        logp.append(_logprobs(st, song, hidden, ids[j0 + 1 : j1 + 1], j0 + 1))
+    st.tokens[mine, :n] = ids
+    st.logp[mine, :n] = torch.cat(logp)
+    return hidden[-1:]
+
+
+def _logprobs(st: _Decoder, song: Song, hidden: Tensor, ids: Tensor, t0: int) -> Tensor:
+    """The log-probabilities of tokens ids [m] (tokens t0.. of a row), drawn from hidden
+    [>= m, hidden] under the song's top-k and temperature, every candidate in the running
+    as when they were drawn (the step's row products, one parity a product)."""
+    out = torch.empty(len(ids), dtype=torch.float32, device=ids.device)
+    for parity in (0, 1):
+        i0 = (parity - t0) % 2  # the first i whose token t0 + i has this parity
+        if i0 < len(ids):
+            logits = row_linear(hidden[i0 : len(ids) : 2], st.weights[parity])
+            out[i0::2] = logprob_of(logits, ids[i0::2], top_k=song.top_k,
+                                    temperature=song.temperature,
+                                    candidate_ids=st.ids[parity])
+    return out
 
 
 def _step_runner(model: Transformer, st: _Decoder, *, compile: bool, graphs: bool) -> Callable:
@@ -270,7 +372,7 @@ def _step_runner(model: Transformer, st: _Decoder, *, compile: bool, graphs: boo
         # kv_len becomes a dynamic size after its first change: a few compiles, not one
         # per bucket. The batch stays static: a graph generic in the batch size ran ~10x
         # slower than eager on the CPU; each batch size gets its own.
-        for t in (st.tok, st.tokens, st.logp, st.keys,
+        for t in (st.tok, st.tokens, st.logp, st.keys, st.step, st.cap,
                   *(x for layer in model.layers for x in (layer.attn.cache.k, layer.attn.cache.v))):
             torch._dynamo.mark_static(t, 0)
         step = torch.compile(step)
@@ -290,23 +392,26 @@ class _Loop:
         self.cache_of = {s: g for g, s in enumerate(sorted({r.song for r in st.rows}))}
         self.results: dict[int, RowTokens] = {}
         self.t0 = time.perf_counter()
-        self.steps = 1  # tokens decoded per row so far (token 0 came with the prefill)
+        # new tokens decoded per row so far (the first came with the prefill); a row holds
+        # its prefix's `start` tokens before them
+        self.steps = 1
+        self.top_start = max(r.start for r in st.rows)
 
     def _ended(self) -> list[int]:
         """Slots whose row has emitted end-of-song (a host look at the device)."""
         if not self.stop_at_end:
             return []
-        hit = (self.st.tokens[:, 0 : self.steps : 2] == self.eos).any(dim=1)
+        hit = (self.st.tokens[:, 0 : self.top_start + self.steps : 2] == self.eos).any(dim=1)
         return [i for i in torch.nonzero(hit).flatten().tolist()]
 
     def _report(self) -> None:
         if self.progress is not None:
             elapsed = max(time.perf_counter() - self.t0, 1e-9)
-            self.progress(self.steps, (self.steps - 1) / elapsed)
+            self.progress(self.top_start + self.steps, (self.steps - 1) / elapsed)
 
     def _keep(self, slot: int) -> None:
         r = self.st.rows[slot]
-        n = min(self.steps, r.cap)
+        n = min(r.start + self.steps, r.cap)
         self.results[self.slots[slot]] = (self.st.tokens[slot, :n].cpu().numpy(),
                                           self.st.logp[slot, :n].cpu().numpy())
 
@@ -314,7 +419,7 @@ class _Loop:
         """The eager loop: rows leave the batch at their cap or end-of-song."""
         st = self.st
         while True:
-            gone = [i for i, r in enumerate(st.rows) if self.steps >= r.cap]
+            gone = [i for i, r in enumerate(st.rows) if r.start + self.steps >= r.cap]
             if self.steps % self.check_every == 0:
                 gone = sorted(set(gone) | set(self._ended()))
                 self._report()
@@ -329,14 +434,15 @@ class _Loop:
     def masked(self, step: Callable, seq_cap: int) -> None:
         """The compiled / graphed loop: static shapes, so every row runs to the last."""
         st = self.st
-        width = max(r.cap for r in st.rows)
-        top = max(r.prompt_len for r in st.rows)
+        width = max(r.cap - r.start for r in st.rows)
+        top = max(r.prompt_len + r.start for r in st.rows)
         while self.steps < width:
             step(self.steps % 2, _kv_len(min(top + self.steps, seq_cap), KV_BUCKET, seq_cap))
             self.steps += 1
             if self.steps % self.check_every == 0:
                 ended = set(self._ended())
-                if all(i in ended or self.steps >= r.cap for i, r in enumerate(st.rows)):
+                if all(i in ended or r.start + self.steps >= r.cap
+                       for i, r in enumerate(st.rows)):
                     break
                 self._report()
         for i in range(len(st.rows)):
@@ -351,7 +457,7 @@ class _Loop:
             if spans and spans[-1].cache == cache:
                 spans[-1] = Span(cache, spans[-1].rows + 1, spans[-1].pos)
             else:
-                spans.append(Span(cache, 1, r.prompt_len + self.steps - 1))
+                spans.append(Span(cache, 1, r.prompt_len + r.start + self.steps - 1))
         return spans
 
     def _drop(self, gone: list[int]) -> None:
@@ -367,13 +473,14 @@ class _Loop:
             n = next((i for i in range(base, len(st.rows)) if st.rows[i].song != song),
                      len(st.rows)) - base
             rows = _compact(n, {i - base for i in gone if base <= i < base + n})
+            first = st.rows[base]
             for src, dst in rows.moves:
-                st.model.copy_cache_row(src, st.rows[base].prompt_len + self.steps,
+                st.model.copy_cache_row(src, first.prompt_len + first.start + self.steps,
                                         cache=self.cache_of[song], dst=dst)
             order += [base + i for i in rows.order]
             base += n
         ix = torch.tensor(order, dtype=torch.int64, device=st.tok.device)
-        for name in ("tok", "keys", "tokens", "logp"):
+        for name in ("tok", "keys", "tokens", "logp", "step", "cap"):
             setattr(st, name, getattr(st, name).index_select(0, ix))
         st.rows = [st.rows[i] for i in order]
         self.slots = [self.slots[i] for i in order]

@@ -5,7 +5,9 @@ weights load on first use). `render(requests, batches=...)` runs every stage ove
 requests before the next stage starts (a wave), so in `one_shot` residency each stage's
 weights are loaded once per call and released when the next stage loads; `keep_loaded`
 keeps them resident. The requests of one batch (different songs) decode their backbone rows
-together; every take is the same bits as it would be alone.
+together; every take is the same bits as it would be alone. A request may keep a parent
+take's first frames (`Request.kept`): its backbone rows start from them and super-res holds
+them in every layer, so with the parent's own seed it renders the parent again.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import torch
 
 from khala_cli import model_numbers as mn
 from khala_cli.engine import modeldir
-from khala_cli.engine.backbone import BackboneRow, Song, generate_batch
+from khala_cli.engine.backbone import BackboneRow, Song, generate_batch, prefix_ids
 from khala_cli.engine.config import CodecConfig, ModelInfo
-from khala_cli.engine.superres import upsample
+from khala_cli.engine.superres import check_kept, upsample
 from khala_cli.engine.tokens import TokenLayout
 
 Progress = Callable[[str, int, int, dict], None]  # (phase, done, total, extra)
@@ -39,12 +41,18 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 @dataclass(frozen=True)
 class Request(mn.Controls):
     """One prompt, several seeds -> one batched render, under the Controls fields
-    (duration, top-k, temperature, token cap)."""
+    (duration, top-k, temperature, token cap: a row's tokens from step 0, kept ones
+    included)."""
 
     backbone_ids: list[int]
     superres_ids: list[int]
     seeds: list[int]
-    resume: dict[int, BackboneRow] = field(default_factory=dict)  # seed -> saved backbone row
+    # seed -> saved backbone row (a whole row: kept frames included)
+    resume: dict[int, BackboneRow] = field(default_factory=dict)
+    # int64 [num_quantizers, K] (0..codebook-1): a parent's codes of its first K frames
+    # (K >= 1), held in every layer; every seed continues from them
+    kept: np.ndarray | None = None
+    allow_end: bool = True  # False (extend): end-of-song is never sampled; rows run to their cap
 
     def expected_tokens(self) -> int:
         """Backbone tokens the progress bar expects: the reference's estimate, capped."""
@@ -68,6 +76,7 @@ class Take:
     resumed: bool = False  # its backbone row came from Request.resume (backbone_s is 0)
     batch_size: int = 1
     batch_songs: int = 1
+    kept_frames: int = 0  # its first frames are Request.kept's (a parent's)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -193,6 +202,9 @@ class Pipeline:
         """Per request, per seed: its BackboneRow. The rows of all requests (different songs,
         settings and caps) not in their resume decode together in one batch; each is the
         row its request would get alone."""
+        for r in reqs:
+            if r.kept is not None:
+                check_kept(self.layout, r.kept)
         todo = [[s for s in r.seeds if s not in r.resume] for r in reqs]
         fresh = iter(self._decode_rows(reqs, todo, progress) if any(todo) else [])
         out = []
@@ -213,11 +225,16 @@ class Pipeline:
                 progress("backbone", min(int(done), total), total,
                          {"tokens_per_s": float(tokens_per_s)})
             progress("backbone", 0, total, {"tokens_per_s": 0.0})
-        songs = [Song(list(r.backbone_ids), list(s), r.top_k_bb, r.temperature, r.max_new_tokens)
+        songs = [Song(list(r.backbone_ids), list(s), r.top_k_bb, r.temperature, r.max_new_tokens,
+                      prefix=self._prefix(r), allow_end=r.allow_end)
                  for r, s in live]
         out = generate_batch(model, self.layout, songs, progress=cb, **self.backbone_options)
         _sync(self.device)
         return out
+
+    def _prefix(self, req: Request) -> tuple[int, ...]:
+        """The backbone prefix of a request's kept frames (their q0/q1 ids)."""
+        return () if req.kept is None else prefix_ids(self.layout, np.asarray(req.kept)[:2])
 
     def superres(self, req: Request, q01: Sequence[np.ndarray],
                  progress: Progress | None = None) -> list[np.ndarray]:
@@ -233,8 +250,9 @@ class Pipeline:
             def cb(done: int, total_: int) -> None:
                 progress("superres", int(done), int(total_), {})
             progress("superres", 0, total, {})
+        kept = None if req.kept is None else [req.kept] * len(req.seeds)
         out = upsample(model, self.layout, list(req.superres_ids), list(q01), list(req.seeds),
-                       top_k=req.top_k_sr, progress=cb)
+                       top_k=req.top_k_sr, progress=cb, kept=kept)
         _sync(self.device)
         return out
 
@@ -312,7 +330,8 @@ class Pipeline:
         return Take(seed=int(seed), codes=codes, audio=audio,
                     backbone_tokens=2 * int(row.codes.shape[1]), timings=tm, ended=row.ended,
                     logprob_mean=row.logprob_mean, resumed=resumed, batch_size=batch[0],
-                    batch_songs=batch[1])
+                    batch_songs=batch[1],
+                    kept_frames=0 if req.kept is None else int(np.shape(req.kept)[1]))
 
 
 def _check_batches(n: int, batches: Sequence[Sequence[int]] | None) -> list[list[int]]:

@@ -71,15 +71,12 @@ def sample_top_k(
     the distribution it was drawn from (greedy: softmax of the top-k at temperature 1,
     since a point mass says nothing about the model's confidence).
     """
-    k = max(1, min(int(top_k), logits.shape[-1]))
-    vals, idx = torch.topk(logits.float(), k, dim=-1)
-    cand = idx if candidate_ids is None else candidate_ids[idx]
-    if temperature <= 0 or k == 1:
+    scaled, cand, greedy = _top(logits, top_k, temperature, candidate_ids)
+    if greedy:
         tok = cand[..., 0]
         if not with_logprob:
             return tok
-        return tok, torch.log_softmax(vals, dim=-1)[..., 0]
-    scaled = vals / temperature
+        return tok, torch.log_softmax(scaled, dim=-1)[..., 0]
     probs = torch.softmax(scaled, dim=-1)
     if isinstance(step, Tensor) and step.dim():
         step = step.unsqueeze(-1)
@@ -89,3 +86,26 @@ def sample_top_k(
     if not with_logprob:
         return tok
     return tok, torch.gather(torch.log_softmax(scaled, dim=-1), -1, choice).squeeze(-1)
+
+
+def _top(logits: Tensor, top_k: int, temperature: float,
+         candidate_ids: Tensor | None) -> tuple[Tensor, Tensor, bool]:
+    """The distribution sample_top_k draws from: (top-k logits, tempered unless greedy;
+    the candidates they stand for; greedy)."""
+    k = max(1, min(int(top_k), logits.shape[-1]))
+    vals, idx = torch.topk(logits.float(), k, dim=-1)
+    cand = idx if candidate_ids is None else candidate_ids[idx]
+    greedy = temperature <= 0 or k == 1
+    return (vals if greedy else vals / temperature), cand, greedy
+
+
+def logprob_of(logits: Tensor, tokens: Tensor, *, top_k: int, temperature: float,
+               candidate_ids: Tensor | None = None) -> Tensor:
+    """The fp32 log-probability [...] of given tokens [...] under the distribution
+    sample_top_k draws from with these settings: the number it returns with a token it
+    drew (-inf for a token outside the top-k)."""
+    scaled, cand, _ = _top(logits, top_k, temperature, candidate_ids)
+    hit = cand == tokens.unsqueeze(-1)
+    lp = torch.gather(torch.log_softmax(scaled, dim=-1), -1,
+                      hit.int().argmax(dim=-1, keepdim=True)).squeeze(-1)
+    return torch.where(hit.any(dim=-1), lp, float("-inf"))

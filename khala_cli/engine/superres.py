@@ -6,6 +6,8 @@ the model over columns 0..L-1 with full attention, projects the audio rows' hidd
 onto that layer's output rows only, and samples each frame (top-k, temperature 1) with noise
 keyed on (seed, L, frame, code). Batched seeds with different frame counts are padded at
 the end and their padding keys masked; S is the real length, not the reference's 8192.
+A seed may keep a parent's first frames (`kept`): every pass writes their codes over what
+it sampled, so the new frames are conditioned on the kept ones in every layer.
 
 `upsample_reference_padded` is the reference's method (every row padded to a fixed length,
 ids re-embedded every pass, all rows projected), kept to check that the two agree and to
@@ -14,7 +16,7 @@ benchmark the difference.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,12 +68,15 @@ def upsample(
     top_k: int = 10,
     progress: Callable[[int, int], None] | None = None,
     q_block: int | None = None,
+    kept: Sequence[np.ndarray | None] | None = None,
 ) -> list[np.ndarray]:
     """q0/q1 codes ([2, frames] per seed) -> all layers' codes ([num_quantizers, frames],
     offsets subtracted; rows 0 and 1 are the given q0, q1), the same prompt for all seeds.
     Each seed's passes run on its own rows alone, so its codes never depend on what it is
     rendered beside (a padded batch rounds differently). progress(layers_done,
-    layers_total) once every seed has filled a layer."""
+    layers_total) once every seed has filled a layer.
+    kept: per seed None or int64 [num_quantizers, K] codes of its first K frames (their q0,
+    q1 those given), held in every layer; the other frames are sampled beside them."""
     if len(q01) != len(seeds):
         raise ValueError("one q01 array per seed")
     if not seeds:
@@ -81,13 +86,15 @@ def upsample(
     device = model.embed.weight.device
     p, nq = len(prompt_ids), layout.num_quantizers
     frames = [int(np.asarray(c).shape[-1]) for c in q01]
+    held = _held(layout, q01, kept, device)
     ids = [_rows(layout, prompt_ids, [c], p + f, device) for c, f in zip(q01, frames, strict=True)]
     # Per seed the sum of the embeddings of columns 0..L-1 (fp32), grown by one column per pass.
     acc = [model.add_column(model.add_column(None, x[..., 0]), x[..., 1]) for x in ids]
     for layer in range(2, nq):
         for i, seed in enumerate(seeds):
             if frames[i]:
-                acc[i] = _fill_layer(model, layout, ids[i], acc[i], layer, seed, p, top_k, q_block)
+                acc[i] = _fill_layer(model, layout, ids[i], acc[i], layer, seed, p, top_k, q_block,
+                                     held[i])
             else:
                 ids[i][:, :, layer] = PAD
         if progress is not None:
@@ -95,10 +102,50 @@ def upsample(
     return [_codes(layout, x, p, [f])[0] for x, f in zip(ids, frames, strict=True)]
 
 
+def check_kept(layout: TokenLayout, kept, frames: int | None = None) -> np.ndarray:
+    """Kept codes as int64 [num_quantizers, K], 1 <= K (<= frames), 0..codebook_size-1;
+    otherwise ValueError."""
+    k = np.asarray(kept)
+    q = layout.num_quantizers
+    if (k.ndim != 2 or k.shape[0] != q or k.shape[1] < 1
+            or not np.issubdtype(k.dtype, np.integer)):
+        raise ValueError(f"kept codes must be integers [{q}, K] with K >= 1, got {k.dtype} "
+                         f"{k.shape}")
+    if frames is not None and k.shape[1] > frames:
+        raise ValueError(f"{k.shape[1]} kept frames, more than the take's {frames}")
+    if k.min() < 0 or k.max() >= layout.codebook_size:
+        raise ValueError(f"kept codes outside 0..{layout.codebook_size - 1}")
+    return k.astype(np.int64)
+
+
+def _held(layout: TokenLayout, q01: Sequence[np.ndarray],
+          kept: Sequence[np.ndarray | None] | None, device) -> list[Tensor | None]:
+    """Per seed its kept frames' ids [K, Q] (offsets added) or None, checked against its
+    frames and its q0/q1."""
+    if kept is None:
+        return [None] * len(q01)
+    if len(kept) != len(q01):
+        raise ValueError("one kept array (or None) per seed")
+    out: list[Tensor | None] = []
+    offsets = np.array([layout.layer_start(i) for i in range(layout.num_quantizers)])
+    for codes, k in zip(q01, kept, strict=True):
+        if k is None:
+            out.append(None)
+            continue
+        codes = _check_q01(layout, codes)
+        k = check_kept(layout, k, codes.shape[1])
+        if not np.array_equal(k[:2], codes[:, : k.shape[1]]):
+            raise ValueError("kept codes: their q0/q1 differ from the seed's first frames")
+        out.append(torch.from_numpy(k.T + offsets).to(device))
+    return out
+
+
 def _fill_layer(model: Transformer, layout: TokenLayout, ids: Tensor, acc: Tensor, layer: int,
-                seed: int, p: int, top_k: int, q_block: int | None) -> Tensor:
+                seed: int, p: int, top_k: int, q_block: int | None,
+                held: Tensor | None = None) -> Tensor:
     """One pass over one seed's rows ids [1, S, Q]: sample layer `layer` of its frames (noise
-    keyed on seed, layer, frame, code) into ids; its embedding sum with that column added."""
+    keyed on seed, layer, frame, code) into ids, the held frames' ids [K, Q] written over
+    theirs; its embedding sum with that column added."""
     marker = layout.marker_id(layer)
     ids[:, p - 1, 0] = marker
     x = acc.to(model.embed.weight.dtype, copy=True)
@@ -110,6 +157,8 @@ def _fill_layer(model: Transformer, layout: TokenLayout, ids: Tensor, acc: Tenso
     frame_idx = torch.arange(ids.shape[1] - p, device=ids.device)
     code = sample_top_k(logits, keys, top_k=top_k, temperature=1.0, step=frame_idx)
     ids[:, p:, layer] = code + start
+    if held is not None:
+        ids[0, p : p + held.shape[0], layer] = held[:, layer]
     return model.add_column(acc, ids[..., layer])
 
 

@@ -150,11 +150,12 @@ class KVCache:
 @dataclass(frozen=True)
 class Span:
     """Consecutive rows of a decode step that share one KV cache (one song) and one position:
-    rows 0..rows-1 of cache `cache`, their token going in at `pos`."""
+    rows row..row+rows-1 of cache `cache`, their token going in at `pos`."""
 
     cache: int
     rows: int
     pos: int
+    row: int = 0
 
 
 class Attention(nn.Module):
@@ -212,7 +213,8 @@ class Attention(nn.Module):
     def step(self, x: Tensor, cos: Tensor, sin: Tensor, spans: Sequence[Span]) -> Tensor:
         """The cached decode of one token per row, each span of rows reading its own cache's
         keys 0..pos: per span forward(x, input_pos=[pos], kv_len=pos + 1) without a mask,
-        with the same arithmetic. x: [B, 1, hidden]; cos, sin: [1, head_dim // 2], or
+        with the same arithmetic. Spans may be successive positions of one cache row (a
+        replay of known tokens): each is a row of the products and a query of its own. x: [B, 1, hidden]; cos, sin: [1, head_dim // 2], or
         [B, 1, 1, head_dim // 2] (each row its own position)."""
         b, d, g = x.shape[0], self.head_dim, self.num_kv_heads
         q = row_linear(x, self.wq.weight, self.wq.bias).view(b, self.num_heads, 1, d)
@@ -220,12 +222,12 @@ class Attention(nn.Module):
         v = row_linear(x, self.wv.weight, self.wv.bias).view(b, g, 1, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         ys, r = [], 0
-        for sp in spans:
-            cache, n, pos = self.caches[sp.cache], sp.rows, sp.pos
-            cache.k[:n, :, pos : pos + 1] = k[r : r + n]
-            cache.v[:n, :, pos : pos + 1] = v[r : r + n]
-            ys.append(one_query_attention(q[r : r + n], cache.k[:n, :, : pos + 1],
-                                          cache.v[:n, :, : pos + 1]))
+        for sp in spans:  # in order: a span reads the keys that the spans before it wrote
+            cache, n, pos, at = self.caches[sp.cache], sp.rows, sp.pos, sp.row
+            cache.k[at : at + n, :, pos : pos + 1] = k[r : r + n]
+            cache.v[at : at + n, :, pos : pos + 1] = v[r : r + n]
+            ys.append(one_query_attention(q[r : r + n], cache.k[at : at + n, :, : pos + 1],
+                                          cache.v[at : at + n, :, : pos + 1]))
             r += n
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
         return row_linear(y.view(b, 1, -1), self.wo.weight, self.wo.bias)

@@ -338,3 +338,36 @@ def _tag_list(at: At, v: list, lines: list[int]) -> list[str] | None:
             return None
         items.append(got.strip())
     return items
+
+
+# -- takes and times (re-rolls and extensions) -----------------------------------------------
+
+_TIME_RE = re.compile(r"^\s*(?:(\d+):)?(\d+(?:\.\d*)?|\.\d+)\s*$")
+_TAKE_RE = re.compile(r"^\s*([^:\s]+)\s*:\s*(\d+)\s*$")
+
+
+def parse_time(v: Any) -> float:
+    """Seconds from a number or text: `70`, `70.5`, `1:10`, `1:10.5`. ValueError says why."""
+    if isinstance(v, bool) or v is None:
+        raise ValueError(f"expected a time (seconds or m:ss), got {type_name(v)}")
+    if isinstance(v, (int, float)):
+        return float(v)
+    m = _TIME_RE.match(str(v))
+    if not m or (m.group(1) is not None and float(m.group(2)) >= 60):
+        raise ValueError(f"{v!r} is not a time: write seconds (70, 70.5) or m:ss (1:10)")
+    return 60.0 * int(m.group(1) or 0) + float(m.group(2))
+
+
+def parse_take(v: Any) -> tuple[str, int]:
+    """(job, seed) from `JOB:SEED`. ValueError says why."""
+    m = _TAKE_RE.match(v) if isinstance(v, str) else None
+    if not m:
+        raise ValueError(f"expected a take as JOB:SEED (e.g. anthem:7), got {type_name(v)}")
+    return m.group(1), int(m.group(2))
+
+
+def clock(seconds: float) -> str:
+    """m:ss.s for messages and labels (1:10, 1:10.4)."""
+    m, s = divmod(round(float(seconds), 1), 60)
+    text = f"{s:04.1f}".removesuffix(".0")
+    return f"{int(m)}:{text if '.' in text else text.zfill(2)}"

@@ -126,6 +126,15 @@ _JOB_ONLY = (
     Field("lyrics_file", JOB, "text", "the lyrics from a UTF-8 file, relative to the "
           "manifest's folder", None, rule=_LYRICS_RULE, defaults_hint=PROMPT_HINT,
           required=True, strip=True),
+    Field("reroll", JOB, "mapping", "a re-roll of one take: `{take: JOB:SEED, from: TIME}` keeps "
+          "the take's first TIME (seconds or m:ss) and renders the rest again at each of the "
+          "job's seeds; the prompt and settings are the take's", None,
+          rule="the take must be rendered, with codes; no prompt or sampling keys beside it",
+          defaults_hint=PROMPT_HINT),
+    Field("extend", JOB, "mapping", "an extension of one take: `{take: JOB:SEED, to: TIME}` keeps "
+          "the whole take and continues it to TIME at each of the job's seeds", None,
+          rule="as `reroll`; TIME past the take's end, within the model's length",
+          defaults_hint=PROMPT_HINT),
     Field("track", JOB, "whole", "track number in the exported catalogue (per job: a default "
           "would give every job the same one)", None, (1, 999),
           rule="default: the job's place in the manifest"),

@@ -32,6 +32,8 @@ from khala_cli.manifest.checks import (  # noqa: F401 - the manifest's results, 
     Checker,
     Issue,
     ManifestError,
+    parse_take,
+    parse_time,
     type_name,
     unknown_keys,
 )
@@ -54,6 +56,41 @@ ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 ID_MAX_LEN = 100
 # Names a job directory may not take: they are the run's own folders under output_dir.
 RESERVED_IDS = frozenset({"reports"})
+
+
+@dataclass(frozen=True)
+class ParentSpec:
+    """The take a re-roll or an extension continues, and where: `reroll` keeps the take's
+    first `seconds`; `extend` keeps all of it and continues to `seconds`."""
+
+    kind: str  # "reroll" | "extend"
+    job_id: str
+    seed: int
+    seconds: float
+    line: int = 0
+
+    @property
+    def take(self) -> str:
+        return f"{self.job_id}:{self.seed}"
+
+    @property
+    def field(self) -> str:
+        return f"{self.kind}.{'from' if self.kind == 'reroll' else 'to'}"
+
+
+PARENT_KINDS = ("reroll", "extend")
+PARENT_TIME_KEY = {"reroll": "from", "extend": "to"}
+# What a re-roll or extension may set beside its parent: the rest is the parent's.
+PARENT_JOB_KEYS = ("id", "title", "seeds", "artist", "album", "year", "genre", "track")
+
+
+def child_id(kind: str, job_id: str, seed: int, seconds: float) -> str:
+    """The job id of a re-roll or extension made on the command line: `anthem-s7-from-1m10s`,
+    `anthem-s7-to-4m30s` (tenths of a second where the time has them)."""
+    m, s = divmod(round(float(seconds), 1), 60)
+    secs = f"{s:.1f}".removesuffix(".0")
+    word = "from" if kind == "reroll" else "to"
+    return f"{job_id[:ID_MAX_LEN - 24]}-s{seed}-{word}-{int(m)}m{secs}s"
 
 
 @dataclass(frozen=True)
@@ -81,6 +118,7 @@ class Job:
     year: int | None = None
     genre: str = ""
     index: int = 0  # the job's place in the manifest (0-based)
+    parent: ParentSpec | None = None  # a re-roll or extension of that take
 
     @property
     def max_new_tokens(self) -> int:
@@ -273,6 +311,8 @@ def _job(at: At, item: Any, idx: int, defaults: dict[str, Any], manifest: Path) 
         return None
     d: MarkedDict = item  # type: ignore[assignment]
     at = replace(at, line=d.line or at.line)
+    if any(k in d for k in PARENT_KINDS):
+        return _parent_job(at, d, idx, defaults)
     n_errors = len(at.ck.errors)
     job_id, title = _identity(at, d)  # first, so every later message can name the job
     at = replace(at, job=job_id or at.job)
@@ -290,11 +330,69 @@ def _job(at: At, item: Any, idx: int, defaults: dict[str, Any], manifest: Path) 
                index=idx, **{**s, "seeds": tuple(s["seeds"])})
 
 
+def _parent_job(at: At, d: MarkedDict, idx: int, defaults: dict[str, Any]) -> Job | None:
+    """A re-roll or extension: its parent take and time, its seeds and catalogue fields; the
+    prompt and sampling settings come from the parent take when it is planned."""
+    n_errors = len(at.ck.errors)
+    named = "id" in d or "title" in d
+    job_id, title = _identity(at, d) if named else (None, None)
+    at = replace(at, job=job_id or at.job)
+    parent = _parent(at, d)
+    if not named and parent is not None:
+        job_id = child_id(parent.kind, parent.job_id, parent.seed, parent.seconds)
+        at = replace(at, job=job_id)
+    for key in d:
+        if key not in PARENT_JOB_KEYS + PARENT_KINDS:
+            what = "an extension" if "extend" in d else "a re-roll"
+            at.key(d, key).error(f"{what} keeps its parent take's prompt and settings: "
+                                 f"remove `{key}`")
+    s = {**{k: FIELDS[k].default for k in SETTING_KEYS}, **defaults, **check_settings(at, d)}
+    track = FIELDS["track"].check(at.key(d, "track"), d["track"]) if "track" in d else None
+    if len(at.ck.errors) > n_errors or job_id is None or parent is None:
+        return None
+    return Job(id=job_id, title=title or "", line=at.line, track=track, index=idx,
+               parent=parent, **{**s, "seeds": tuple(s["seeds"])})
+
+
+def _parent(at: At, d: MarkedDict) -> ParentSpec | None:
+    """The `reroll:` or `extend:` mapping, checked: {take: JOB:SEED, from|to: TIME}."""
+    kinds = [k for k in PARENT_KINDS if k in d]
+    if len(kinds) > 1:
+        at.key(d, "extend").error("give either `reroll` or `extend`, not both")
+        return None
+    kind = kinds[0]
+    pat, v = at.key(d, kind), d[kind]
+    time_key = PARENT_TIME_KEY[kind]
+    if not isinstance(v, dict):
+        pat.error(f"expected {{take: JOB:SEED, {time_key}: TIME}}, got {type_name(v)}")
+        return None
+    unknown_keys(replace(pat, field=None), v, ("take", time_key), f"{kind}.")
+    take = time = None
+    for key in ("take", time_key):
+        kat = pat.key(v, key, f"{kind}.")
+        if key not in v:
+            kat.error(f"missing `{kind}.{key}`")
+            continue
+        try:
+            if key == "take":
+                take = parse_take(v[key])
+            else:
+                time = parse_time(v[key])
+                if time <= 0:
+                    kat.error(f"{v[key]!r}: the time must be after 0")
+                    time = None
+        except ValueError as exc:
+            kat.error(str(exc))
+    if take is None or time is None:
+        return None
+    return ParentSpec(kind, take[0], take[1], time, pat.line)
+
+
 def _identity(at: At, d: MarkedDict) -> tuple[str | None, str | None]:
     """(id, title): the id as written, or made from the title."""
     title = FIELDS["title"].check(at.key(d, "title"), d["title"]) if "title" in d else None
     if "id" in d:
-        return _written_id(at.key(d, "id"), d["id"]), title
+        return written_id(at.key(d, "id"), d["id"]), title
     if not title:
         replace(at, field="id").error("missing `id` (or a `title` to derive it from)")
         return None, title
@@ -307,7 +405,7 @@ def _identity(at: At, d: MarkedDict) -> tuple[str | None, str | None]:
     return job_id, title
 
 
-def _written_id(at: At, v: Any) -> str | None:
+def written_id(at: At, v: Any) -> str | None:
     job_id = FIELDS["id"].check(at, v)
     if job_id is None:
         return None

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from khala_cli import model_numbers as mn
-from khala_cli import outputs
+from khala_cli import outputs, splice
 from khala_cli.engine.config import DECODE_PATHS, decode_options
 from khala_cli.plan import Render
 from khala_cli.prompt import PromptSpec, prompt_ids
@@ -359,7 +359,48 @@ class Worker:
                       file=sys.stderr, flush=True)
         return Request(backbone_ids=bb_ids, superres_ids=sr_ids,
                        seeds=[x.seed for x in song.renders], resume=resume,
-                       **mn.controls_of(r))
+                       **mn.controls_of(r), **self._continued(r))
+
+    def _request_or_fail(self, song: Song):
+        """The song's Request; None when it cannot be made (a re-roll whose parent changed
+        or is unreadable), after failing the song's renders for that reason alone."""
+        try:
+            return self._request(song)
+        except (OSError, ValueError) as exc:
+            self._fail(song, exc)
+            return None
+
+    def _continued(self, render) -> dict[str, Any]:
+        """A re-roll's or extension's Request fields: its parent's kept codes, and whether
+        it may end (an extension runs to its length). The parent must be the version this
+        render was planned against."""
+        p = render.parent
+        if p is None:
+            return {}
+        now = outputs.read_sidecar(p["sidecar"]) or {}
+        if now.get("render_key") != p["render_key"]:
+            raise ValueError(f"the parent take {p['job_id']}:{p['seed']} changed since this "
+                             "run planned it (its render key differs); plan the re-roll again")
+        codes = np.load(p["codes"], allow_pickle=False).astype(np.int64)
+        if codes.shape[-1] < p["kept_frames"]:
+            raise ValueError(f"the parent take's codes {p['codes']} hold {codes.shape[-1]} "
+                             f"frames, fewer than the {p['kept_frames']} kept")
+        return {"kept": codes[:, : p["kept_frames"]], "allow_end": p["kind"] != "extend"}
+
+    def _joined(self, render, audio: np.ndarray, info: dict) -> np.ndarray:
+        """A re-roll's or extension's audio: the parent's samples up to the cut, crossfaded
+        into the new take (splice.py); its sidecar's `parent` record goes into info."""
+        p = render.parent
+        if p is None:
+            return audio
+        hop = int(self.pipeline.codec_config.hop_length)
+        cut = int(p["kept_frames"]) * hop
+        info["parent"] = {"job_id": p["job_id"], "seed": p["seed"],
+                          "render_key": p["render_key"], "kind": p["kind"],
+                          "cut_s": p["cut_s"], "kept_frames": p["kept_frames"],
+                          "crossfade_s": round(splice.fade_samples(cut, hop)
+                                               / int(self.pipeline.codec_config.sample_rate), 4)}
+        return splice.splice(p["wav"], audio, cut, hop)
 
     def _save_rows(self, song: Song, rows) -> None:
         for render, row in zip(song.renders, rows, strict=True):
@@ -436,19 +477,28 @@ class Worker:
                 live.append(b)
         if not live:
             return
-        songs, groups = [], []  # per batch its songs: one engine batch of requests
+        songs, groups, requests = [], [], []  # per batch its songs: one engine batch
         for b in live:
-            mine = b.songs()
-            groups.append(list(range(len(songs), len(songs) + len(mine))))
-            songs += mine
+            mine = [(s, r) for s in b.songs() if (r := self._request_or_fail(s)) is not None]
+            if mine:
+                groups.append(list(range(len(songs), len(songs) + len(mine))))
+                songs += [s for s, _ in mine]
+                requests += [r for _, r in mine]
+        if not songs:
+            return
         takes = self.pipeline.render(
-            [self._request(s) for s in songs], progress=self._progress(songs), batches=groups,
+            requests, progress=self._progress(songs), batches=groups,
             on_backbone=lambda i, rows: self._save_rows(songs[i], rows),
             on_error=lambda i, exc: self._fail(songs[i], exc))
         for song, per_song in zip(songs, takes, strict=True):
             for render, take in zip(song.renders, per_song, strict=False):
-                self._write(song.batch, render, take.audio, take.codes,
-                            self._info(take, song.prompt_tokens), take=take)
+                info = self._info(take, song.prompt_tokens)
+                try:
+                    take.audio = self._joined(render, take.audio, info)
+                except splice.SpliceError as exc:
+                    self._result(song.batch, render, "failed", error=str(exc))
+                    continue
+                self._write(song.batch, render, take.audio, take.codes, info, take=take)
 
     def serve(self) -> None:
         while True:
