@@ -1,7 +1,8 @@
 """The review page for mended takes (issue 22): a re-roll or an extend sits under its parent
 take with the cut marked on its waveform, and jobs that fell short of their `until` goal are
 listed. The grouping is checked in Python; the page in a real headless Chromium, on takes
-of a real `khala render` of the demo model (noise).
+of a real `khala render` of the demo model (noise) and their children from real `khala reroll`
+and `khala extend` runs.
 """
 
 from __future__ import annotations
@@ -12,13 +13,10 @@ import sys
 from pathlib import Path
 
 import browser
-import numpy as np
 import pytest
-import soundfile as sf
 
 from khala_cli import outputs
-from khala_cli.model_numbers import FRAME_RATE
-from khala_cli.plan import Render
+from khala_cli.manifest.jobs import child_id
 from khala_cli.review.keep import keep_command
 from khala_cli.review.page import JobView, _hms, lineage, nest, shortfalls
 
@@ -98,62 +96,56 @@ def test_shortfalls_take_the_latest_row_and_tolerate_reports_without_until():
 slow = pytest.mark.slow
 
 
-def child_take_standing_in_for_reroll(out: Path, parent: tuple[str, int], child_job: str,
-                                      seed: int, *, kind: str, tail: tuple[str, int],
-                                      cut_s: float = 0.0, record: dict | None = None) -> dict:
-    """A re-roll (cut at cut_s) or extend (cut at the parent's end) take made by hand until
-    `khala reroll` / `khala extend` land (swap this for the real command then): the parent's
-    audio up to the cut (snapped to a frame), then another real take's audio, written by the
-    real take writer as `<child_job>/<child_job>-s<seed>.*`, with MEND.md's `parent` record
-    in its sidecar (`record` overrides its fields). Returns the sidecar."""
-    pjob, pseed = parent
-    side = json.loads((out / pjob / f"{pjob}-s{pseed}.json").read_text())
-    head, sr = sf.read(str(out / pjob / side["files"]["wav"]), dtype="float32")
-    rest, _ = sf.read(str(out / tail[0] / f"{tail[0]}-s{tail[1]}.wav"), dtype="float32")
-    cut = len(head) if kind == "extend" else round(round(cut_s * FRAME_RATE) / FRAME_RATE * sr)
-    audio = np.concatenate([head[:cut], rest if kind == "extend" else rest[cut:]])
-    r = Render(job_id=child_job, seed=seed, key=f"{side['render_key'][:12]}{seed:012d}",
-               out_dir=str(out / child_job), stem=f"{child_job}-s{seed}",
-               title=side["title"], tags=tuple(side["tags"]))
-    outputs.write_take(r, audio, sr, info={"model": side["model"], "device": "cpu",
-                                           "backbone": {"ended": "end_of_song"}})
-    path = out / child_job / f"{child_job}-s{seed}.json"
-    data = json.loads(path.read_text())
-    data["parent"] = dict({"job_id": pjob, "seed": pseed, "render_key": side["render_key"],
-                           "kind": kind, "cut_s": round(cut / sr, 3),
-                           "kept_frames": round(cut / sr * FRAME_RATE), "crossfade_s": 0.046},
-                          **(record or {}))
-    outputs.write_json(path, data)
-    return data
+# the children, named by `khala reroll` / `khala extend` from the take and the time
+REROLL = child_id("reroll", "song", 1, 1.0)
+EXTEND = child_id("extend", "song", 1, 8.0)
+GONE = child_id("reroll", "gone", 4, 1.0)  # its parent moved out of the folder by hand
+AGAIN = child_id("reroll", "again", 3, 1.0)  # its parent rendered again with other settings
+
+MANIFEST = """\
+model: demo
+output_dir: out
+defaults: {{max_minutes: 0.1}}
+jobs:
+  - {{id: song, title: Song, tags: [Pop], seeds: [1, 2]}}
+  - {{id: gone, title: Gone, tags: [Rock], seeds: [4]}}
+  - {{id: again, title: Again, tags: [Jazz], seeds: [3]{again}}}
+"""
+
+
+def _key(out: Path, job: str, seed: int) -> str:
+    return json.loads((out / job / f"{job}-s{seed}.json").read_text())["render_key"]
 
 
 @pytest.fixture(scope="module")
 def mended(tmp_path_factory, demo_model_dir) -> Path:
+    """A real `khala render` of the demo model (noise), then real `khala reroll` and
+    `khala extend` children of its takes; one parent rendered again with another top-k,
+    one moved out of the folder, as a user might."""
     root = tmp_path_factory.mktemp("mended")
     manifest = root / "jobs.yaml"
-    manifest.write_text(
-        "model: demo\noutput_dir: out\ndefaults: {max_minutes: 0.05}\njobs:\n"
-        "  - {id: song, title: Song, tags: [Pop], seeds: [1, 2]}\n")
+    manifest.write_text(MANIFEST.format(again=""))
     _khala("render", manifest, "--devices", "cpu", "--quiet")
     out = root / "out"
     page = (out / "reports" / "index.html").read_text()
     assert 'class="shortfalls"' not in page  # a report without `until` adds nothing
-    for seed in (11, 12):
-        child_take_standing_in_for_reroll(out, ("song", 1), "song-s1-from-0m01s", seed,
-                                          kind="reroll", cut_s=1.0, tail=("song", 2))
-    child_take_standing_in_for_reroll(out, ("song", 1), "song-s1-to-0m06s", 1,
-                                      kind="extend", tail=("song", 2))
-    # its parent was never in this folder (song:2 only lends it audio)
-    child_take_standing_in_for_reroll(out, ("song", 2), "gone-s4-from-0m01s", 1,
-                                      kind="reroll", cut_s=1.0, tail=("song", 1),
-                                      record={"job_id": "gone", "seed": 4})
+    _khala("reroll", out, "song:1", "--from", "1", "--seeds", "11,12", "--devices", "cpu", "-q")
+    _khala("extend", out, "song:1", "--to", "8", "--devices", "cpu", "-q")
+    _khala("reroll", out, "gone:4", "--from", "1", "--seeds", "1", "--devices", "cpu", "-q")
+    _khala("reroll", out, "again:3", "--from", "1", "--seeds", "1", "--devices", "cpu", "-q")
+    old = _key(out, "again", 3)
+    manifest.write_text(MANIFEST.format(again=", top_k_bb: 7"))
+    _khala("render", manifest, "--devices", "cpu", "--quiet")
+    assert _key(out, "again", 3) != old == json.loads(
+        (out / AGAIN / f"{AGAIN}-s1.json").read_text())["parent"]["render_key"]
+    (out / "gone").rename(root / "gone-moved-aside")
     latest = out / "reports" / "latest.json"
     report = json.loads(latest.read_text())
     report["until"] = [
         {"job_id": "song", "passing": 1, "wanted": 2, "takes": 16, "max_takes": 16,
          "met": False},
-        {"job_id": "song-s1-from-0m01s", "passing": 1, "wanted": 3, "takes": 2,
-         "max_takes": 2, "met": False},
+        {"job_id": REROLL, "passing": 1, "wanted": 3, "takes": 2, "max_takes": 2,
+         "met": False},
         {"job_id": "other", "passing": 2, "wanted": 2, "takes": 5, "max_takes": 8,
          "met": True}]
     outputs.write_json(latest, report)
@@ -190,9 +182,9 @@ def test_children_sit_under_their_parent_with_their_labels(mended):
         order = [li.get_attribute("data-take")
                  for li in song.find_elements(By.CSS_SELECTOR, "li.take")]
         at = order.index("song:1")
-        children = {"song-s1-from-0m01s:11", "song-s1-from-0m01s:12", "song-s1-to-0m06s:1"}
+        children = {f"{REROLL}:11", f"{REROLL}:12", f"{EXTEND}:1"}
         assert set(order[at + 1:at + 4]) == children, order  # right after their parent
-        assert order[at + 3] == "song-s1-to-0m06s:1"  # the extend cuts last
+        assert order[at + 3] == f"{EXTEND}:1"  # the extend cuts last
         parent = _row(d, "song:1")
         for take in children:
             li = _row(d, take)
@@ -204,27 +196,36 @@ def test_children_sit_under_their_parent_with_their_labels(mended):
                 By.CSS_SELECTOR, "canvas.wave").location["x"] + 30
         label = lambda take: _row(d, take).find_element(  # noqa: E731
             By.CSS_SELECTOR, ".lineage").text
-        assert label("song-s1-from-0m01s:11").startswith("re-roll of seed 1 at 0:01")
-        cut = json.loads((mended / "song-s1-to-0m06s" / "song-s1-to-0m06s-s1.json")
+        assert label(f"{REROLL}:11").startswith("re-roll of seed 1 at 0:01")
+        cut = json.loads((mended / EXTEND / f"{EXTEND}-s1.json")
                          .read_text())["parent"]["cut_s"]
-        assert label("song-s1-to-0m06s:1").startswith(f"extended from seed 1 at {_hms(cut)}")
+        assert label(f"{EXTEND}:1").startswith(f"extended from seed 1 at {_hms(cut)}")
         # the child job has no section of its own: its takes are under the parent
-        assert not d.find_elements(By.ID, "job-song-s1-from-0m01s")
+        assert not d.find_elements(By.ID, f"job-{REROLL}")
         assert browser.console_errors(d) == []
 
 
 @slow
-def test_a_child_whose_parent_is_missing_shows_under_its_own_job(mended):
+@pytest.mark.parametrize("child, parent, why", [
+    (GONE, "gone:4", "re-roll of gone seed 4 at 0:01; the parent take is not in this folder"),
+    (AGAIN, "again:3", "re-roll of again seed 3 at 0:01; the parent take was rendered again "
+                       "since")])
+def test_a_child_whose_parent_is_not_here_shows_under_its_own_job(mended, child, parent, why):
     from selenium.webdriver.common.by import By
 
     with browser.chromium() as d:
         _open(d, mended)
-        own = d.find_element(By.ID, "job-gone-s4-from-0m01s")
-        li = own.find_element(By.CSS_SELECTOR, 'li.take[data-take="gone-s4-from-0m01s:1"]')
+        own = d.find_element(By.ID, f"job-{child}")
+        li = own.find_element(By.CSS_SELECTOR, f'li.take[data-take="{child}:1"]')
         assert "orphan" in li.get_attribute("class")
-        assert li.find_element(By.CSS_SELECTOR, ".lineage").text.startswith(
-            "re-roll of gone seed 4 at 0:01; the parent take is not in this folder")
-        assert not d.find_elements(By.CSS_SELECTOR, '#job-song li[data-take^="gone-"]')
+        assert li.get_attribute("data-parent") == parent
+        assert li.find_element(By.CSS_SELECTOR, ".lineage").text.startswith(why)
+        assert len(d.find_elements(By.CSS_SELECTOR, f'li.take[data-take="{child}:1"]')) == 1
+        # the parent rendered again is on the page, without the child under it
+        assert bool(d.find_elements(By.CSS_SELECTOR, f'li.take[data-take="{parent}"]')) == (
+            child == AGAIN)
+        assert [e.get_attribute("data-take") for e in d.find_elements(
+            By.CSS_SELECTOR, f'li.take[data-parent="{parent}"]')] == [f"{child}:1"]
 
 
 WAVE_CUT = """
@@ -243,8 +244,8 @@ def test_the_cut_is_marked_where_it_falls_on_the_waveform(mended):
 
     with browser.chromium() as d:
         _open(d, mended)
-        for take, stem in (("song-s1-from-0m01s:11", "song-s1-from-0m01s/song-s1-from-0m01s-s11"),
-                           ("song-s1-to-0m06s:1", "song-s1-to-0m06s/song-s1-to-0m06s-s1")):
+        for take, stem in ((f"{REROLL}:11", f"{REROLL}/{REROLL}-s11"),
+                           (f"{EXTEND}:1", f"{EXTEND}/{EXTEND}-s1")):
             side = json.loads((mended / f"{stem}.json").read_text())
             wave = _row(d, take).find_element(By.CSS_SELECTOR, "canvas.wave")
             d.execute_script("arguments[0].scrollIntoView({block: 'center'})", wave)
@@ -269,7 +270,7 @@ def test_jobs_short_of_their_goal_are_listed(mended):
         rows = d.find_elements(By.CSS_SELECTOR, ".shortfalls li")
         assert [r.text for r in rows] == [
             "song: 1 of 2 passing after 16 takes (max_takes 16)",
-            "song-s1-from-0m01s: 1 of 3 passing after 2 takes (max_takes 2)"]
+            f"{REROLL}: 1 of 3 passing after 2 takes (max_takes 2)"]
         # the re-roll job's link leads to the section that holds its takes
         link = rows[1].find_element(By.TAG_NAME, "a").get_attribute("href")
         assert link.endswith("#job-song")
@@ -283,13 +284,12 @@ def test_children_are_kept_as_takes_of_their_own_job(mended):
 
     with browser.chromium() as d:
         _open(d, mended)
-        for take in ("song-s1-from-0m01s:12", "gone-s4-from-0m01s:1"):
+        for take in (f"{REROLL}:12", f"{GONE}:1"):
             _row(d, take).find_element(By.CSS_SELECTOR, "input.keep-box").click()
         shown = d.find_element(By.ID, "keep-cmd").text
         assert browser.console_errors(d) == []
     # in page order: the job with the missing parent comes first (jobs go by id)
-    assert shown == keep_command(str(mended), [("gone-s4-from-0m01s", 1),
-                                               ("song-s1-from-0m01s", 12)], [])
+    assert shown == keep_command(str(mended), [(GONE, 1), (REROLL, 12)], [])
     _khala(*shown.split()[1:])  # the command the page shows, as the CLI takes it
     from khala_cli.review.keep import read_marks
-    assert read_marks(mended) == [("gone-s4-from-0m01s", 1), ("song-s1-from-0m01s", 12)]
+    assert read_marks(mended) == [(GONE, 1), (REROLL, 12)]
