@@ -10,11 +10,13 @@ No torch here.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from khala_cli.model_numbers import ANALYSIS_FLAGS as FLAGS  # the flags' names live below
 from khala_cli.model_numbers import FRAME_RATE  # noqa: F401 - used by the review bench
 
 # pyloudnorm and scipy are imported inside the functions that measure: together they take
@@ -44,7 +46,6 @@ class Thresholds:
 
 
 THRESHOLDS = Thresholds()
-FLAGS = ("silent", "clipping", "looping", "cut_at_cap", "too_quiet", "too_loud")
 FLAG_PENALTY = 100.0
 UNKNOWN_LOGPROB = -10.0  # below any real mean log-probability of a top-k draw (>= -ln 1024)
 LOGPROB_FLOOR = -50.0
@@ -169,6 +170,22 @@ def analyse(audio: np.ndarray, sample_rate: int, *, q0: np.ndarray | None = None
     m["score"] = score_of(m, m["flags"])
     m["peaks"] = peaks(a)
     return m
+
+
+def passes(analysis: Mapping[str, Any] | None, gates: Mapping[str, Any] | None = None
+           ) -> tuple[bool, list[str]]:
+    """Whether a take passes the gates, and why not. `gates` {flags, min_score} (an until
+    render's `until` holds both): `flags` None fails a take on any flag, a list on those
+    only; `min_score` None sets no minimum. A take without analysis does not pass."""
+    if not analysis:
+        return False, ["not measured"]
+    gates = gates or {}
+    failing = FLAGS if gates.get("flags") is None else tuple(gates["flags"])
+    reasons = [f"flag {f}" for f in analysis.get("flags") or () if f in failing]
+    least, score = gates.get("min_score"), analysis.get("score")
+    if least is not None and (score is None or float(score) < float(least)):
+        reasons.append(f"score {score} below {least:g}")
+    return not reasons, reasons
 
 
 def thresholds() -> dict[str, float]:

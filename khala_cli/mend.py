@@ -20,7 +20,7 @@ import soundfile as sf
 from khala_cli import outputs
 from khala_cli.manifest.checks import clock
 from khala_cli.manifest.jobs import Job, Manifest, ParentSpec, job_dir
-from khala_cli.plan import Render, render_key
+from khala_cli.plan import Render, render_key, until_of
 
 REROLL, EXTEND = "reroll", "extend"
 
@@ -172,7 +172,7 @@ def child_renders(parent: Parent, c: Cut, job: Job, output_dir: Path, *, fingerp
                         "to_frames": c.to_frames, "seed": int(seed)}, fingerprint),
         out_dir=str(out_dir), stem=f"{job.id}-s{seed}", title=job.title or d.get("title", ""),
         track=job.track, job_index=job.index, tags=tuple(d.get("tags") or ()),
-        save_codes=save_codes, extra={"line": job.line}, parent=record,
+        save_codes=save_codes, extra={"line": job.line}, parent=record, until=until_of(job),
         duration=int(d["duration_min"]), max_new_tokens=cap,
         **{k: d[k] for k in _COPIED}, **catalogue,
     ) for seed in job.seeds]

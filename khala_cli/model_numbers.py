@@ -1,4 +1,5 @@
-"""The Khala model's numbers, in one torch-free place: every layer takes them from here.
+"""The Khala model's numbers, in one torch-free place: every layer takes them from here
+(and the names of the analysis flags, which the manifest checks).
 
 Token rates, caps and the controls' ranges and defaults are the reference system's (see
 ../shared/REFERENCE.md); the minutes estimates are ours, written once.
@@ -29,6 +30,11 @@ TOP_K_SR_RANGE = (1, 1024)
 TEMPERATURE_RANGE = (0.6, 1.4)
 MAX_MINUTES_RANGE = (0.05, 10.0)
 SEED_RANGE = (0, 2**32 - 1)
+
+# The names of the flags a take's analysis raises (analysis.py decides when); a manifest's
+# `gates` name them, and the manifest sits below the analysis.
+ANALYSIS_FLAGS = ("silent", "clipping", "looping", "cut_at_cap", "too_quiet", "too_loud")
+SCORE_RANGE = (-1000.0, 0.0)  # a take's score is at most 0; a `gates.min_score` lies here
 
 DEFAULT_DURATION = 3
 DEFAULT_TOP_K_BB = 80

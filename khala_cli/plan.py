@@ -10,7 +10,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ class Render(mn.Controls):
     lyrics: str = ""  # cleaned
     save_codes: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # An until-job's roll, the same on each of its renders (not in the key): {passing: K,
+    # max_takes: M, flags: [...] or None (any flag fails), min_score: float or None}
+    until: dict[str, Any] | None = None
     # a re-roll or extension: the parent take it continues (mend.Parent.record(), frozen in
     # the render key): job_id, seed, render_key, kind, kept_frames, frames, cut_s, files
     parent: dict[str, Any] | None = None
@@ -73,8 +76,9 @@ class Render(mn.Controls):
 # -- planning: jobs x seeds -> renders, keys, statuses, shards --------------------------------
 
 RENDER_KEY_VERSION = 1
-# new, already done, outputs of other settings exist, a keeper whose settings changed
-STATUSES = ("todo", "skip", "rerender", "kept")
+# new, already done, outputs of other settings exist, a keeper whose settings changed, an
+# until-job's seed that is not needed (enough of its takes pass already)
+STATUSES = ("todo", "skip", "rerender", "kept", "spare")
 TO_RUN = ("todo", "rerender")
 CHANGED = "settings or model changed"
 KEPT = "kept: not re-rendered"
@@ -105,21 +109,35 @@ FROM_JOB = ("title", "artist", "album", "track", "year", "genre", "mode", "promp
             "prompt", "lyrics")
 
 
+def until_of(job: Job) -> dict[str, Any] | None:
+    """The `until` every render of an until-job carries: its wish and its gates."""
+    if job.until is None:
+        return None
+    gates = job.gates or {}
+    flags = gates.get("flags")
+    return {"passing": job.until["passing"], "max_takes": job.until["max_takes"],
+            "flags": None if flags is None else list(flags),
+            "min_score": gates.get("min_score")}
+
+
 def build_renders(manifest: Manifest, fingerprint: str, *, output_dir: str | Path | None = None,
                   save_codes: bool = False) -> list[Render]:
-    """Every job at every seed, in manifest order (re-rolls and extensions aside)."""
+    """Every job at every seed, in manifest order (an until-job's seeds in the order they
+    roll; re-rolls and extensions aside)."""
     root = Path(output_dir or manifest.output_dir).resolve()
     renders = []
     for job in manifest.jobs:
         if job.parent is not None:
             continue  # its renders need the parent take on disk: mend.child_renders
         out_dir = job_dir(root, job.id)
+        until = until_of(job)
         for seed in job.seeds:
             renders.append(Render(
                 job_id=job.id, seed=int(seed),
                 key=render_key(audio_settings(job, seed), fingerprint),
                 out_dir=str(out_dir), stem=f"{job.id}-s{seed}", job_index=job.index,
                 tags=tuple(job.tags), save_codes=save_codes, extra={"line": job.line},
+                until=until,
                 **{name: getattr(job, name) for name in FROM_JOB}, **mn.controls_of(job),
             ))
     return renders
@@ -198,7 +216,7 @@ def shard_of(render: Render, n: int) -> int:
 @dataclass(frozen=True)
 class PlannedRender:
     render: Render
-    status: str  # todo | skip | rerender | kept
+    status: str  # todo | skip | rerender | kept | spare
     reason: str = ""
     est_minutes: float = 0.0
 
@@ -213,13 +231,37 @@ class PlannedRender:
         }
 
 
+@dataclass(frozen=True)
+class Roll:
+    """One until-job as the plan finds it: what it wants, and its takes already on disk."""
+
+    job_id: str
+    wanted: int  # K: takes that must pass
+    max_takes: int  # M
+    done: int  # takes of its seeds done with these settings (every shard's)
+    passing: int  # of those, the ones that pass its gates
+
+    @property
+    def met(self) -> bool:
+        return self.passing >= self.wanted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "passing": self.passing, "wanted": self.wanted,
+                "takes": self.done, "max_takes": self.max_takes, "met": self.met}
+
+
 @dataclass
 class Plan:
     items: list[PlannedRender]
     excluded: int = 0  # renders of the manifest left to other shards or outside --only
     shard: tuple[int, int] | None = None
+    rolls: dict[str, Roll] = field(default_factory=dict)  # the until-jobs, by job id
     # (job, parent take) of re-rolls and extensions whose parent this run renders first
     waiting: list[tuple[str, str]] = field(default_factory=list)
+
+    def passing(self) -> dict[str, int]:
+        """The takes on disk that pass, per until-job: the runner's policy counts on."""
+        return {job: r.passing for job, r in self.rolls.items()}
 
     @property
     def to_run(self) -> list[Render]:
@@ -245,12 +287,36 @@ def est_minutes(render: Render) -> float:
     return mn.est_minutes(render.duration, render.max_new_tokens)
 
 
-def _sidecar_key(render: Render) -> str | None:
+def _sidecar(render: Render) -> dict[str, Any]:
     try:
         data = json.loads(render.path(".json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    return data.get("render_key") if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _sidecar_key(render: Render) -> str | None:
+    return _sidecar(render).get("render_key")
+
+
+Passes = Callable[[Mapping[str, Any] | None, Mapping[str, Any]], tuple[bool, list[str]]]
+
+
+def _rolls(renders: list[Render], is_done: Callable[[Render], bool], force: bool,
+           passes: Passes | None) -> dict[str, Roll]:
+    """The until-jobs among `renders` with the takes they have on disk; `force` counts
+    none (every take renders again)."""
+    rolls: dict[str, Roll] = {}
+    for r in renders:
+        if r.until is None:
+            continue
+        roll = rolls.get(r.job_id) or Roll(r.job_id, int(r.until["passing"]),
+                                           int(r.until["max_takes"]), 0, 0)
+        if not force and is_done(r):
+            ok = passes is not None and passes(_sidecar(r).get("analysis"), r.until)[0]
+            roll = replace(roll, done=roll.done + 1, passing=roll.passing + int(ok))
+        rolls[r.job_id] = roll
+    return rolls
 
 
 def _status(render: Render, is_done: Callable[[Render], bool], force: bool) -> tuple[str, str]:
@@ -269,15 +335,18 @@ def _status(render: Render, is_done: Callable[[Render], bool], force: bool) -> t
 def make_plan(renders: list[Render], *, is_done: Callable[[Render], bool], force: bool = False,
               only: tuple[str, ...] | list[str] = (),
               shard: tuple[int, int] | None = None,
-              kept: Collection[tuple[str, int]] = ()) -> Plan:
+              kept: Collection[tuple[str, int]] = (), passes: Passes | None = None) -> Plan:
     """Statuses for the renders this run owns (after --only and --shard).
 
-    `is_done` is `outputs.is_done` (passed in: outputs sits above plan in the layers).
-    `kept`: the keepers (job, seed). A keeper whose settings or model changed is never
-    re-rendered for it (status "kept") unless `force`.
+    `is_done` is `outputs.is_done` and `passes` is `analysis.passes` (passed in: both sit
+    above plan in the layers). `kept`: the keepers (job, seed). A keeper whose settings or
+    model changed is never re-rendered for it (status "kept") unless `force`. An until-job
+    counts the takes of all its seeds on disk (every shard's) that pass; once K pass, the
+    rest of its seeds are "spare"; otherwise the runner's policy rolls them.
     """
     kept = set(kept)
     chosen = [r for r in renders if not only or r.job_id in only]
+    rolls = _rolls(chosen, is_done, force, passes)
     if shard is not None:
         k, n = shard
         chosen = [r for r in chosen if shard_of(r, n) == k]
@@ -289,5 +358,10 @@ def make_plan(renders: list[Render], *, is_done: Callable[[Render], bool], force
                 status, reason = "kept", f"{KEPT} ({CHANGED})"
             elif status == "rerender":
                 reason += "; kept: the old version moves aside"
+        roll = rolls.get(r.job_id) if r.until is not None else None
+        if roll is not None and roll.met and status in TO_RUN:
+            status, reason = "spare", f"until: {roll.passing} of {roll.wanted} takes pass already"
         items.append(PlannedRender(r, status, reason, est_minutes(r)))
-    return Plan(items=items, excluded=len(renders) - len(chosen), shard=shard)
+    own = {p.render.job_id for p in items}
+    return Plan(items=items, excluded=len(renders) - len(chosen), shard=shard,
+                rolls={j: r for j, r in rolls.items() if j in own})

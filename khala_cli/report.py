@@ -3,7 +3,8 @@
 Takes already done (skipped) are counted in the summary, never listed: a run that renders
 nothing writes a short report however many takes the output directory holds. Listed: the
 renders the run rendered, failed or did not finish, and the keepers it left alone because
-their settings changed (`planned: "kept"`).
+their settings changed (`planned: "kept"`). An until-job's seeds left unrendered because
+enough of its takes pass (`spare`) are counted too; its `until` row says how it stands.
 
     <output_dir>/reports/run-<UTC timestamp>.json | .csv    (one pair per run)
     <output_dir>/reports/latest.json | latest.csv           (a copy of the newest)
@@ -30,7 +31,7 @@ from rich.table import Table
 from khala_cli import __version__, exit_codes
 from khala_cli.plan import Plan, PlannedRender
 
-RESULT_STATUSES = ("rendered", "skipped", "failed", "cancelled")
+RESULT_STATUSES = ("rendered", "skipped", "failed", "cancelled", "spare")
 CSV_COLUMNS = ("job_id", "seed", "status", "planned", "error", "seconds", "audio_seconds",
                "device", "attempts", "wav", "mp3", "json", "codes", "log", "key")
 
@@ -86,6 +87,9 @@ def entry(item: PlannedRender, outcome: Any | None) -> dict[str, Any]:
         if item.status == "kept":
             e["reason"] = item.reason
         return e
+    if item.status == "spare":
+        e.update(status="spare", reason=item.reason, seconds=0.0)
+        return e
     if outcome is None:
         e["error"] = "not started (the run was interrupted)"
         return e
@@ -124,7 +128,8 @@ def build(plan: Plan, outcomes: list[Any], run: RunInfo) -> dict[str, Any]:
     rendered_s = sum(e["audio_seconds"] or 0.0 for e in entries if e["status"] == "rendered")
     all_s = sum(e["audio_seconds"] or 0.0 for e in entries
                 if e["status"] in ("rendered", "skipped"))
-    renders = [e for e in entries if e["planned"] != "skip"]
+    renders = [e for e in entries if e["planned"] not in ("skip", "spare")
+               and e["status"] != "spare"]
     summary = {
         "planned": len(entries), **counts,
         "kept_not_rerendered": len(plan.kept),
@@ -148,8 +153,36 @@ def build(plan: Plan, outcomes: list[Any], run: RunInfo) -> dict[str, Any]:
         "started_at": utc_iso(run.started_at),
         "finished_at": utc_iso(run.finished_at),
         "summary": summary,
+        "until": until_rows(plan, list(by_file.values())),
         "renders": renders,
     }
+
+
+def until_rows(plan: Plan, outcomes: list[Any]) -> list[dict[str, Any]]:
+    """One row per until-job of the plan: {job_id, passing, wanted, takes, max_takes, met},
+    counting its takes on disk before the run and those the run rendered."""
+    rows = []
+    for roll in plan.rolls.values():
+        new = [o for o in outcomes if o.render.job_id == roll.job_id
+               and o.render.until is not None and o.status == "rendered"]
+        row = roll.to_dict()
+        row["passing"] += sum(bool(getattr(o, "passed", False)) for o in new)
+        row["takes"] += len(new)
+        row["met"] = row["passing"] >= row["wanted"]
+        rows.append(row)
+    return rows
+
+
+def until_text(row: dict[str, Any]) -> str:
+    """"1 of 2 passing after 16 takes" (after "5 of 16 takes" while seeds are left)."""
+    takes = row["takes"] if row["takes"] >= row["max_takes"] else \
+        f"{row['takes']} of {row['max_takes']}"
+    return f"{row['passing']} of {row['wanted']} passing after {takes} takes"
+
+
+def short_of_passing(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The until rows whose jobs have fewer passing takes than they want."""
+    return [u for u in report.get("until") or () if not u["met"]]
 
 
 def to_csv(report: dict[str, Any]) -> str:
@@ -223,6 +256,10 @@ def summary_table(report: dict[str, Any]):
         t.add_row("kept, settings changed: not re-rendered",
                   f"[yellow]{s['kept_not_rerendered']}[/yellow]")
     t.add_row("failed", f"[red]{s['failed']}[/red]" if s["failed"] else "0")
+    if s.get("spare"):
+        t.add_row("spare (until: enough takes pass)", str(s["spare"]))
+    for u in short_of_passing(report):
+        t.add_row(f"short: {u['job_id']}", f"[yellow]{until_text(u)}[/yellow]")
     if s["cancelled"]:
         t.add_row("not finished", f"[yellow]{s['cancelled']}[/yellow]")
     if s.get("excluded"):

@@ -13,7 +13,8 @@ from khala_cli.cli import cli
 KEYS = ("decode_vs_naive", "batch8_vs_batch1", "superres_vs_padded", "superres_padding_factor",
         "backbone_tokens_per_s", "naive_tokens_per_s", "batch1_tokens_per_s",
         "batch8_tokens_per_s", "superres_pass_s", "superres_padded_pass_s",
-        "catalogue_b8_vs_b1", "catalogue_mixed_vs_sweep", "catalogue_settings_cost")
+        "catalogue_b8_vs_b1", "catalogue_mixed_vs_sweep", "catalogue_settings_cost",
+        "reroll_vs_full", "reroll_backbone_vs_full")
 
 
 def test_bench_json_on_tiny_config():
@@ -30,14 +31,35 @@ def test_bench_json_on_tiny_config():
     # the catalogue case: 8 songs in one batch decode the tokens they decode one at a time
     assert data["catalogue_songs"] == 8 and data["catalogue_tokens_equal"] is True
     assert set(data["catalogue_songs_per_minute"]) == {"1", "8"}
+    # the re-roll case: from the middle of the song, with its seed, the parent comes back
+    assert data["reroll_equal_parent"] is True
+    assert data["reroll_steps_saved"] == data["reroll_kept_tokens"] == data["reroll_tokens"] // 2
 
 
 def test_bench_human_output_names_the_ratios():
     result = CliRunner().invoke(cli, ["bench", "--tiny"])
     assert result.exit_code == 0, result.output
     for name in ("decode vs naive", "batch 8 vs 1", "super-res vs padded", "catalogue 8 vs 1",
-                 "songs/min", "tokens equal"):
+                 "songs/min", "tokens equal", "re-roll vs full", "backbone steps saved 12 of 24",
+                 "super-res and decode still cover the whole song"):
         assert name in result.stdout
+
+
+def test_bench_reroll_case_times_a_full_render_against_a_reroll_from_the_middle():
+    from khala_cli.engine import bench
+
+    log: list[str] = []
+    with bench._random_pipeline(bench.TINY, "cpu") as pipe:
+        r = bench._reroll(pipe, bench.TINY, log.append)
+    assert r["reroll_tokens"] == bench.TINY.decode_tokens  # random weights run to the cap
+    assert r["reroll_kept_tokens"] == r["reroll_steps_saved"] == bench.TINY.decode_tokens // 2
+    assert r["reroll_replay_chunks"] == 1 and r["reroll_equal_parent"] is True
+    assert r["reroll_vs_full"] > 0 and r["reroll_backbone_vs_full"] > 0
+    assert set(r["reroll_stage_s"]) == {"full", "reroll"}
+    for stages in r["reroll_stage_s"].values():  # both cover the whole song past the backbone
+        assert set(stages) == {"backbone_s", "superres_s", "decode_s"}
+        assert stages["superres_s"] > 0 and stages["decode_s"] > 0
+    assert "re-rolled from frame 6" in log[-1]
 
 
 def test_bench_help_hides_tiny():

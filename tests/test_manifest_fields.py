@@ -46,7 +46,7 @@ def test_every_field_has_help_and_a_place():
 # than read from the table the code uses, so a changed default or range fails a test.
 DEFAULTS = {"mode": "vocal", "duration": 3, "top_k_bb": 80, "temperature": 1.0, "top_k_sr": 10,
             "max_minutes": None, "seeds": (1,), "artist": "", "album": "", "year": None,
-            "genre": ""}
+            "genre": "", "until": None, "gates": None}
 RANGES = {"duration": (1, 10), "top_k_bb": (1, 200), "temperature": (0.6, 1.4),
           "top_k_sr": (1, 1024), "max_minutes": (0.05, 10.0), "year": (1000, 9999)}
 

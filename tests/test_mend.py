@@ -135,6 +135,10 @@ def test_the_same_reroll_from_the_command_line_renders_nothing(rendered):
     (("anthem:7", "--from", "0:06", "--seeds", "1"), ["anthem:7", "past the take's end"]),
     (("anthem:7", "--from", "1", "--seeds", "a-b"), ["--seeds 'a-b'"]),
     (("anthem", "--from", "1", "--seeds", "1"), ["'anthem'", "JOB:SEED"]),
+    (("anthem:7", "--from", "1", "--seeds", "1", "--until-passing", "5", "--max-takes", "3"),
+     ["anthem:7", "--until-passing", "passing 5 is more than max_takes 3"]),
+    (("anthem:7", "--from", "1", "--seeds", "1", "--min-score", "-5"),
+     ["--min-score needs --until-passing"]),
 ])
 def test_bad_rerolls_exit_2_naming_the_take_and_the_value(rendered, args, words):
     root = rendered[0]

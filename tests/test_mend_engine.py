@@ -139,19 +139,44 @@ def test_a_compiled_decode_continues_prefixes_of_different_lengths_as_eager():
     np.testing.assert_array_equal(_result(compiled[0][0]).codes, rows[0].codes)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.cuda
-def test_on_cuda_rerolls_continue_on_every_path():
-    """On CUDA (bf16 products are not row-invariant there) each path renders the kept
-    frames and runs to the same length; exactness is for `make gpu-check` to measure."""
+@pytest.fixture(scope="module")
+def cuda_rerolls():
+    """On CUDA: the parents (eager) and their re-rolls on every decode path."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     model = make_model().cuda()
     three = songs()
     rows = [_result(decode(model, [s])[0][0]) for s in three]
-    batch = [_reroll(three[0], rows[0], 20), _reroll(three[2], rows[2], 9)]
-    for options in ({}, {"cuda_graphs": True}, {"compile": True}):
-        got = decode(model, batch, **options)
-        for (raw,), parent, k in zip(got, (rows[0], rows[2]), (20, 9), strict=True):
-            np.testing.assert_array_equal(_result(raw).codes[:, :k], parent.codes[:, :k])
+    batch = [_reroll(three[0], rows[0], 20), three[1], _reroll(three[2], rows[2], 9)]
+    got = {name: [[_result(x) for x in song] for song in decode(model, batch, **options)]
+           for name, options in (("eager", {}), ("cuda_graphs", {"cuda_graphs": True}),
+                                 ("compile", {"compile": True}))}
+    return rows, got
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+def test_on_cuda_rerolls_continue_alike_on_every_path(cuda_rerolls):
+    """Every path continues the same eager replay: the graphed and compiled loops give the
+    eager loop's codes, and the kept frames are the parents'."""
+    rows, got = cuda_rerolls
+    for name, songs_ in got.items():
+        for i, (row,) in enumerate(songs_):
+            np.testing.assert_array_equal(row.codes, got["eager"][i][0].codes, err_msg=name)
+        for (row,), parent, k in zip(songs_[::2], (rows[0], rows[2]), (20, 9), strict=True):
+            np.testing.assert_array_equal(row.codes[:, :k], parent.codes[:, :k])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+@pytest.mark.xfail(strict=False, reason="CUDA's products are not row-invariant (the replay's "
+                   "64-row products against the parent's few rows): make gpu-check measures "
+                   "it, an xpass is exact")
+def test_on_cuda_a_reroll_with_the_parents_seed_is_the_parent(cuda_rerolls):
+    rows, got = cuda_rerolls
+    for name, songs_ in got.items():
+        for (row,), parent in zip(songs_[::2], (rows[0], rows[2]), strict=True):
+            np.testing.assert_array_equal(row.codes, parent.codes, err_msg=name)
 
 
 # ---- the pipeline: kept frames held in every layer ----------------------------------------

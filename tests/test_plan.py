@@ -106,7 +106,7 @@ def test_render_key_changes_with_every_audio_setting(project):
 def test_skip_resume_force_and_rerender(project):
     rs = renders_for(project)
     p = pl.make_plan(rs, is_done=outputs.is_done)
-    assert p.counts() == {"todo": 6, "skip": 0, "rerender": 0, "kept": 0}
+    assert p.counts() == {"todo": 6, "skip": 0, "rerender": 0, "kept": 0, "spare": 0}
     assert [x.reason for x in p.items] == ["new"] * 6
 
     fake_take(rs[0])

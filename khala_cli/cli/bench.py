@@ -54,8 +54,10 @@ def bench(as_json: bool, device: str, threads: int | None, tiny: bool, review: b
           eager_codes: Path | None, results_jsonl: Path | None) -> None:
     """Measure the engine against naive baselines on a random mid-size model.
 
-    Prints our backbone decode vs a naive decode, batch 8 vs batch 1, and super-res at the
-    real length vs the reference's padding (ratios measured in the same run).
+    Prints our backbone decode vs a naive decode, batch 8 vs batch 1, super-res at the
+    real length vs the reference's padding, a catalogue in one batch vs one song at a time,
+    and a re-roll from the middle of a song vs its full render (ratios measured in the same
+    run).
     """
     if review:
         _review(as_json, takes)
@@ -92,6 +94,17 @@ def bench(as_json: bool, device: str, threads: int | None, tiny: bool, review: b
     for name, ratio, target, detail in rows:
         mark = "ok" if ratio >= target else "below target"
         click.echo(f"  {name:<20} {ratio:6.2f}x  (target {target:.2f}x, {mark})  {detail}")
+    click.echo(f"  {'re-roll vs full':<20} {result['reroll_vs_full']:6.2f}x  {_reroll_detail(result)}")
+
+
+def _reroll_detail(result: dict) -> str:
+    saved, total = result["reroll_steps_saved"], result["reroll_tokens"]
+    return (f"wall time of a full render over a re-roll from its middle; backbone steps saved "
+            f"{saved} of {total} ({saved / total:.0%}, replayed in chunks: "
+            f"{result['reroll_replay_chunks']}), backbone "
+            f"{result['reroll_backbone_vs_full']:.2f}x; super-res and decode still cover the "
+            f"whole song; the parent's take came back "
+            f"{'exactly' if result['reroll_equal_parent'] else 'DIFFERENT'}")
 
 
 def _catalogue_detail(result: dict) -> str:

@@ -22,6 +22,7 @@ from khala_cli.runner.events import (
     Finished,
     Interrupted,
     NoSpace,
+    Outcome,
     Progress,
     WorkerChanged,
 )
@@ -68,6 +69,14 @@ def takes_label(takes: list[tuple[str, int]], most_songs: int | None = None) -> 
     if most_songs is not None and len(by) > most_songs:
         return f"{len(by)} songs"
     return " · ".join(f"{job} s{','.join(str(s) for s in seeds)}" for job, seeds in by.items())
+
+
+def gate_text(o: Outcome) -> str:
+    """How a rendered until take fared at its gates ("" for any other take)."""
+    if o.passed is None:
+        return ""
+    return " (passes the gates)" if o.passed else \
+        f" (fails the gates: {', '.join(o.gate_reasons)})"
 
 
 BAR_SONGS = 3  # a worker's bar names up to this many songs of its batch, else "N songs"
@@ -127,9 +136,9 @@ class PlainLog:
     def _finished(self, ev: Finished) -> None:
         self.finished += 1
         o, r = ev.outcome, ev.outcome.render
-        tail = f"in {o.seconds:.1f}s on {o.device}" if o.seconds is not None else ""
-        head = f"[{self.finished}/{self.total}] {o.status} {r.job_id} s{r.seed} {tail}"
-        self.line(head if o.status == "rendered" else f"{head}: {o.error}")
+        tail = f" in {o.seconds:.1f}s on {o.device}" if o.status != "spare" else ""
+        head = f"[{self.finished}/{self.total}] {o.status} {r.job_id} s{r.seed}{tail}"
+        self.line(head + gate_text(o) if o.status == "rendered" else f"{head}: {o.error}")
 
 
 class TtyProgress:

@@ -14,7 +14,16 @@ from khala_cli.cli import Failure, cli, steps
 from khala_cli.cli.render import RenderOptions, click_options, run_manifest
 from khala_cli.engine.config import TransformerConfig
 from khala_cli.manifest import checks as chk
-from khala_cli.manifest.jobs import MAX_RENDERS, Job, Manifest, ParentSpec, child_id, written_id
+from khala_cli.manifest.jobs import (
+    MAX_RENDERS,
+    Job,
+    Manifest,
+    ParentSpec,
+    child_id,
+    until_seeds,
+    written_id,
+)
+from khala_cli.model_numbers import ANALYSIS_FLAGS, SCORE_RANGE
 from khala_cli.review.takes import NotAnOutputDir, check_output_dir, latest_reports
 
 # render's options that name a manifest's parts: here the parent take decides them
@@ -25,6 +34,22 @@ _JOB = click.option("--job", "job_id", metavar="ID", help="Job id of the new tak
                     "made from the take and the time, e.g. anthem-s7-from-1m10s).")
 
 
+def _until_options(fn):
+    """--until-passing, --max-takes, --gate-flags, --min-score: a manifest's `until` and
+    `gates`, for one command."""
+    for decl, kw in reversed((
+            ("--until-passing", dict(type=int, metavar="K", help="Roll seeds (the given ones, "
+                                     "then counting up) until K takes pass the gates.")),
+            ("--max-takes", dict(type=int, metavar="M", help="With --until-passing: render at "
+                                 "most M takes (default 16).")),
+            ("--gate-flags", dict(metavar="FLAGS", help="With --until-passing: the analysis "
+                                  "flags that fail a take, comma-separated (default: any).")),
+            ("--min-score", dict(type=float, metavar="X", help="With --until-passing: the "
+                                 "least score a passing take has.")))):
+        fn = click.option(decl, **kw)(fn)
+    return fn
+
+
 @cli.command()
 @_OUTPUT_DIR
 @_TAKE
@@ -33,6 +58,7 @@ _JOB = click.option("--job", "job_id", metavar="ID", help="Job id of the new tak
 @click.option("--seeds", required=True, metavar="LIST",
               help="New seeds, as a manifest's `seeds`: 7, 1,2,5 or 10-17.")
 @_JOB
+@_until_options
 @click_options(skip=_SKIP)
 def reroll(output_dir: Path, take: str, at: str, seeds: str, job_id: str | None,
            **given: Any) -> None:
@@ -41,7 +67,8 @@ def reroll(output_dir: Path, take: str, at: str, seeds: str, job_id: str | None,
     Each new take keeps the parent's first TIME bit for bit (tokens, codes and samples, with
     a 46 ms crossfade ending at the cut) and samples the rest with its own seed; re-rolling
     with the parent's own seed gives the parent back. The take must have its codes (saved by
-    default). Running the same command again renders nothing."""
+    default). Running the same command again renders nothing. With --until-passing K, seeds
+    render in order (the given ones, then counting up) until K takes pass the gates."""
     sys.exit(_run(mend.REROLL, output_dir, take, at, seeds, job_id, given))
 
 
@@ -54,6 +81,7 @@ def reroll(output_dir: Path, take: str, at: str, seeds: str, job_id: str | None,
               "manifest's `seeds` (default: the take's own seed, which continues a take cut "
               "at its token cap as if the cap had been longer).")
 @_JOB
+@_until_options
 @click_options(skip=_SKIP)
 def extend(output_dir: Path, take: str, at: str, seeds: str | None, job_id: str | None,
            **given: Any) -> None:
@@ -68,6 +96,8 @@ def extend(output_dir: Path, take: str, at: str, seeds: str | None, job_id: str 
 
 def _run(kind: str, output_dir: Path, take: str, at: str, seeds: str | None,
          job_id: str | None, given: dict[str, Any]) -> int:
+    roll = _roll(take, {k: given.pop(k) for k in ("until_passing", "max_takes", "gate_flags",
+                                             "min_score")})
     o = RenderOptions(**given)
     flag = "--from" if kind == mend.REROLL else "--to"
     try:
@@ -82,11 +112,13 @@ def _run(kind: str, output_dir: Path, take: str, at: str, seeds: str | None,
     except mend.MendError as exc:
         raise Failure(exit_codes.USAGE, f"error: {exc}") from None
     new_seeds = _seeds(seeds) if seeds is not None else (seed,)
+    if roll:
+        new_seeds = until_seeds(new_seeds, roll["until"]["max_takes"])
     m = Manifest(path=parent.sidecar, model=o.model or _model_of(root, parent),
                  model_base=Path.cwd(), output_dir=root, save_codes=True, jobs=[Job(
                      id=job_id or child_id(kind, job, seed, seconds), title="", line=0,
                      seeds=new_seeds, index=int(parent.data.get("job_index") or 0),
-                     parent=spec)])
+                     parent=spec, **roll)])
     _check_job_id(m.jobs[0].id)
     model_dir, info = steps.model(m)
     try:
@@ -121,6 +153,30 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise Failure(exit_codes.USAGE, *(f"error: --seeds {text!r}: {i.message}"
                                           for i in ck.errors))
     return got
+
+
+def _roll(take: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """The Job's `until` and `gates` from the command's options, checked as a manifest's;
+    {} without --until-passing."""
+    if opts["until_passing"] is None:
+        extra = [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None]
+        if extra:
+            raise Failure(exit_codes.USAGE, f"error: {', '.join(extra)} needs --until-passing")
+        return {}
+    ck = chk.Checker(Path("--until-passing"), "command line", MAX_RENDERS)
+    until = chk.until(ck.at(0, fld="until"), {"passing": opts["until_passing"],
+                                              "max_takes": opts["max_takes"] or 16})
+    gates_in = {k: v for k, v in (("flags", opts["gate_flags"] and [
+        f.strip() for f in opts["gate_flags"].split(",") if f.strip()]),
+        ("min_score", opts["min_score"])) if v is not None}
+    gates = chk.gates(ck.at(0, fld="gates"), gates_in, ANALYSIS_FLAGS, SCORE_RANGE)
+    if ck.errors:
+        names = {"until.passing": "--until-passing", "until.max_takes": "--max-takes",
+                 "gates.flags": "--gate-flags", "gates.min_score": "--min-score"}
+        raise Failure(exit_codes.USAGE, *(
+            f"error: {take}: {names.get(i.field or '', i.field)}: {i.message}"
+            for i in ck.errors))
+    return {"until": until, "gates": gates if gates_in else None}
 
 
 def _check_job_id(job_id: str) -> None:

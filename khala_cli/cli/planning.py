@@ -52,7 +52,10 @@ def validate(manifest: Path | None, model: str | None, max_renders: int,
     steps.ffmpeg()
     minutes = sum(j.est_minutes * len(j.seeds) for j in m.jobs)
     click.echo(f"ok: {manifest}: {_plural(len(m.jobs), 'job')}, "
-               f"{_plural(m.render_count, 'render')}, ~{minutes:.1f} audio minutes; "
+               f"{_plural(m.render_count, 'render')}"
+               + (" at most (until-jobs stop once enough takes pass)"
+                  if any(j.until for j in m.jobs) else "")
+               + f", ~{minutes:.1f} audio minutes; "
                f"output {m.output_dir}")
     if m.model == "demo":
         click.echo(steps.DEMO_LINE + ("" if info else " It is built on first use."))
@@ -92,8 +95,9 @@ def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path 
              max_renders: int) -> None:
     """Show what `khala render MANIFEST` would do: each render's status (todo: new;
     rerender: its outputs are from other settings, or --force; skip: already done; kept: a
-    keeper whose settings or model changed, not re-rendered without --force), and the audio
-    minutes to render. Writes nothing to the output directory."""
+    keeper whose settings or model changed, not re-rendered without --force; spare: an
+    until-job's seed not needed, enough of its takes pass), what each until-job will do, and
+    the audio minutes to render. Writes nothing to the output directory."""
     m = steps.load_manifest(manifest, max_renders=max_renders, output_dir=output_dir,
                             model=model, quiet=as_json)
     shard_t = steps.shard(shard)
@@ -107,6 +111,7 @@ def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path 
             "model": steps.model_dict(model_dir, info, m.model),
             "shard": f"{shard_t[0]}/{shard_t[1]}" if shard_t else None,
             "summary": _summary(p), "warnings": [str(w) for w in m.warnings],
+            "until": [r.to_dict() for r in p.rolls.values()],
             "waiting": [{"job_id": j, "parent": t} for j, t in p.waiting],
             "renders": [it.to_dict() for it in p.items],
         }, indent=2, ensure_ascii=False))
@@ -119,7 +124,10 @@ def plan_cmd(manifest: Path, as_json: bool, model: str | None, output_dir: Path 
     out.print(f"{len(p.items)} renders: {counts['todo']} todo, {counts['rerender']} rerender, "
               f"{counts['skip']} skip (done), {counts['kept']} kept (not re-rendered); "
               f"~{p.minutes():.1f} audio minutes to render"
+              + (" (at most: until-jobs stop once enough takes pass)" if p.rolls else "")
               + (f"; {p.excluded} left to other shards / --only" if p.excluded else ""))
+    for line in _roll_lines(p):
+        out.print(line, markup=False, highlight=False)
     note = steps.kept_note(p, m.output_dir)
     if note:
         out.print(note, markup=False, highlight=False)
@@ -134,9 +142,29 @@ def _summary(p: Plan) -> dict[str, Any]:
             "audio_minutes_done": round(p.minutes(("skip",)), 3)}
 
 
+def _roll_lines(p: Plan) -> list[str]:
+    """What each until-job will do."""
+    lines = []
+    for roll in p.rolls.values():
+        head = (f"until {roll.job_id}: {roll.passing} of {roll.wanted} wanted takes pass, of "
+                f"{roll.done} done")
+        seeds = [it.render.seed for it in p.items
+                 if it.render.job_id == roll.job_id and it.status in TO_RUN]
+        if roll.met:
+            lines.append(f"{head}: met; its other seeds are spare (not rendered)")
+        elif seeds:
+            lines.append(f"{head}: renders seeds {_seeds_text(seeds)} in the job's order, a batch "
+                         f"at a time, until {roll.wanted - roll.passing} more pass "
+                         f"({roll.max_takes} takes at most)")
+        else:
+            lines.append(f"{head}: no seed left to render (max_takes {roll.max_takes})")
+    return lines
+
+
 def _plan_table(p: Plan, title: str) -> Table:
     t = Table(title=title, title_justify="left")
-    for col in ("job", "seeds", "todo", "rerender", "skip", "kept", "~minutes"):
+    cols = ("job", "seeds", "todo", "rerender", "skip", "kept") + (("spare",) if p.rolls else ())
+    for col in (*cols, "~minutes"):
         t.add_column(col, justify="left" if col in ("job", "seeds") else "right")
     per_job: dict[str, dict[str, Any]] = {}
     for it in p.items:
@@ -147,8 +175,8 @@ def _plan_table(p: Plan, title: str) -> Table:
         if it.status in TO_RUN:
             row["min"] += it.est_minutes
     for job_id, row in per_job.items():
-        t.add_row(job_id, _seeds_text(row["seeds"]), str(row["todo"]), str(row["rerender"]),
-                  str(row["skip"]), str(row["kept"]), f"{row['min']:.1f}")
+        t.add_row(job_id, _seeds_text(row["seeds"]), *(str(row[c]) for c in cols[2:]),
+                  f"{row['min']:.1f}")
     return t
 
 

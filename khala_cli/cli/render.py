@@ -250,7 +250,7 @@ def _execute(m: Manifest, p: Plan, o: RenderOptions, model_dir: Path, n_devices:
 
     shown.start()
     try:
-        return run_renders(p.to_run, o.runner(model_dir, m.output_dir), on_event)
+        return run_renders(p.to_run, o.runner(model_dir, m.output_dir), on_event, p.passing())
     except DeviceError as exc:
         raise Failure(exit_codes.MODEL, f"error: {exc}") from None
     except KeyboardInterrupt:
@@ -287,6 +287,8 @@ def _finish(m: Manifest, p: Plan, result: RunResult, run_info: rp.RunInfo, quiet
     if quiet:
         click.echo(f"{s['rendered']} rendered, {s['skipped']} skipped, {s['failed']} failed"
                    + (f", {s['cancelled']} not finished" if s["cancelled"] else "")
+                   + "".join(f"; short: {u['job_id']} {rp.until_text(u)}"
+                             for u in rp.short_of_passing(rep))
                    + f"; report {paths['json']}" + (f"; review page {page}" if page else ""))
     else:
         out = display.out_console()

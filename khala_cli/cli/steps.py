@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from khala_cli import exit_codes, mend, outputs
+from khala_cli import analysis, exit_codes, mend, outputs
 from khala_cli.cli import Failure
 from khala_cli.engine.config import TransformerConfig
 from khala_cli.manifest import jobs as mf
@@ -208,7 +208,7 @@ def plan(m: mf.Manifest, info: Any, *, force: bool, only: tuple[str, ...],
             raise Failure(exit_codes.USAGE, f"error: {exc}", "  nothing was rendered or "
                           "written") from None
     p = make_plan(renders + kids.renders, is_done=outputs.is_done, force=force, only=only,
-                  shard=shard, kept=read_marks(m.output_dir))
+                  shard=shard, kept=read_marks(m.output_dir), passes=analysis.passes)
     p.waiting = [(j.id, j.parent.take) for j in kids.waiting if not only or j.id in only]
     return p
 

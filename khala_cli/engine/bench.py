@@ -24,6 +24,11 @@ like: the same weights, prompt, token counts and threads.
   prompt's `batch` seeds: a song's own cache and attention calls) and
   catalogue_settings_cost (one setting over different top-k / temperature per row, sampled
   per group); catalogue_stage_s has each stage's seconds for the catalogue at B=1 and B=8.
+- reroll_vs_full: wall time of a full render of one song over a re-roll of it from its
+  middle frame (the same prompt, length and seed: the parent's own take comes back, which
+  reroll_equal_parent checks), on the catalogue's model. The re-roll replays its kept
+  tokens (reroll_kept_tokens, in chunks of rows) instead of decoding them step by step:
+  reroll_steps_saved backbone steps; super-res and the codec still cover the whole song.
 
 Rates are medians over chunks of `chunk` decode steps (and pass times medians over
 passes), pooled over `rounds` interleaved rounds, so a burst of other load on the machine
@@ -32,10 +37,11 @@ moves them less.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +55,7 @@ from khala_cli.engine.config import TransformerConfig
 from khala_cli.engine.pipeline import Pipeline, Request
 from khala_cli.engine.random_model import TINY_SIZES, build_random_model
 from khala_cli.engine.tokens import TokenLayout
-from khala_cli.engine.transformer import Transformer, apply_rope, rope_angles
+from khala_cli.engine.transformer import ROW_MAX, Transformer, apply_rope, rope_angles
 from khala_cli.prompt import PromptSpec, prompt_ids
 
 FRAME_RATE = 44100 / 2048  # codec frames per second of the real model
@@ -192,9 +198,11 @@ def _run(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -> dict
     decode = _decode_rates(model, layout, spec, context, sync, log)
     sr = _superres_times(model, layout, spec, context, rng, sync, log)
     where = _catalogue_decode(model, layout, spec, context, sync, log)
-    cat = _catalogue(spec, dev, log)
+    with _random_pipeline(spec, dev) as pipe:
+        cat = _catalogue(pipe, spec, log)
+        reroll = _reroll(pipe, spec, log)
     return {
-        **cat, **where, **decode, **sr,
+        **cat, **where, **decode, **sr, **reroll,
         "targets": {
             "decode_vs_naive": 1.5,
             "batch8_vs_batch1": 4.0,
@@ -314,9 +322,11 @@ def _catalogue_decode(model: Transformer, layout: TokenLayout, spec: BenchSpec,
             "catalogue_decode_tokens_per_s": tps}
 
 
-def _catalogue(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -> dict:
-    """`batch` different songs through Pipeline.render: one cross-song batch against one
-    song at a time, songs per minute of each, timed over `rounds` interleaved rounds."""
+@contextlib.contextmanager
+def _random_pipeline(spec: BenchSpec, dev: torch.device) -> Iterator[Pipeline]:
+    """A loaded Pipeline on a model directory of random weights (untrained: noise): the
+    bench backbone, a tiny super-res model and codec, so the backbone's share of a render's
+    time is about a real song's."""
     with tempfile.TemporaryDirectory(prefix="khala-bench-catalogue-") as tmp:
         mdir = build_random_model(
             Path(tmp) / "model", name="khala bench catalogue (random weights, untrained: noise)",
@@ -324,18 +334,24 @@ def _catalogue(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -
             superres_sizes=TINY_SIZES)
         pipe = Pipeline.from_dir(mdir, device=dev)
         pipe.load()
-        reqs = _catalogue_songs(pipe, spec)
-        log(f"catalogue: {len(reqs)} songs (prompts of {min(len(r.backbone_ids) for r in reqs)}"
-            f"..{max(len(r.backbone_ids) for r in reqs)} tokens, {spec.decode_tokens} tokens "
-            f"each) one at a time, then in one batch ...")
-        pipe.render(reqs[:1])  # warm-up
-        times: dict[int, list[float]] = {1: [], spec.batch: []}
-        takes = {}
-        for _ in range(spec.rounds):
-            for b, batches in ((1, None), (spec.batch, [list(range(len(reqs)))])):
-                t = time.perf_counter()
-                takes[b] = pipe.render(reqs, batches=batches)
-                times[b].append(time.perf_counter() - t)
+        yield pipe
+
+
+def _catalogue(pipe: Pipeline, spec: BenchSpec, log: Callable[[str], None]) -> dict:
+    """`batch` different songs through Pipeline.render: one cross-song batch against one
+    song at a time, songs per minute of each, timed over `rounds` interleaved rounds."""
+    reqs = _catalogue_songs(pipe, spec)
+    log(f"catalogue: {len(reqs)} songs (prompts of {min(len(r.backbone_ids) for r in reqs)}"
+        f"..{max(len(r.backbone_ids) for r in reqs)} tokens, {spec.decode_tokens} tokens "
+        f"each) one at a time, then in one batch ...")
+    pipe.render(reqs[:1])  # warm-up
+    times: dict[int, list[float]] = {1: [], spec.batch: []}
+    takes = {}
+    for _ in range(spec.rounds):
+        for b, batches in ((1, None), (spec.batch, [list(range(len(reqs)))])):
+            t = time.perf_counter()
+            takes[b] = pipe.render(reqs, batches=batches)
+            times[b].append(time.perf_counter() - t)
     t1, tb = (float(np.median(times[b])) for b in (1, spec.batch))
     equal = all(np.array_equal(a[0].codes, c[0].codes)
                 for a, c in zip(takes[1], takes[spec.batch], strict=True))
@@ -351,6 +367,34 @@ def _catalogue(spec: BenchSpec, dev: torch.device, log: Callable[[str], None]) -
             "catalogue_songs_per_minute": {str(b): round(len(reqs) * 60.0 / t, 2)
                                            for b, t in ((1, t1), (spec.batch, tb))},
             "catalogue_stage_s": {str(b): v for b, v in stages.items()}}
+
+
+def _reroll(pipe: Pipeline, spec: BenchSpec, log: Callable[[str], None]) -> dict:
+    """A full render of one song against a re-roll of it from its middle frame, with the
+    same seed (so the parent comes back), timed over `rounds` interleaved rounds."""
+    (req,) = _catalogue_songs(pipe, spec)[:1]
+    ((parent,),) = pipe.render([req])  # also the warm-up
+    kept = parent.codes.shape[1] // 2
+    child = dataclasses.replace(req, kept=parent.codes[:, :kept])
+    log(f"re-roll: one song of {parent.backbone_tokens} tokens rendered in full, then "
+        f"re-rolled from frame {kept} ...")
+    times: dict[str, list[float]] = {"full": [], "reroll": []}
+    takes = {}
+    for _ in range(spec.rounds):
+        for name, r in (("full", req), ("reroll", child)):
+            t = time.perf_counter()
+            ((takes[name],),) = pipe.render([r])
+            times[name].append(time.perf_counter() - t)
+    full, reroll = (float(np.median(times[k])) for k in ("full", "reroll"))
+    return {"reroll_vs_full": full / reroll,
+            "reroll_backbone_vs_full": takes["full"].timings["backbone_s"]
+            / max(takes["reroll"].timings["backbone_s"], 1e-9),
+            "reroll_tokens": parent.backbone_tokens, "reroll_kept_tokens": 2 * kept,
+            "reroll_steps_saved": 2 * kept, "reroll_replay_chunks": -(-2 * kept // ROW_MAX),
+            "reroll_equal_parent": bool(np.array_equal(takes["reroll"].codes, parent.codes)),
+            "reroll_stage_s": {name: {k: round(t.timings[k], 3)
+                                      for k in ("backbone_s", "superres_s", "decode_s")}
+                               for name, t in takes.items()}}
 
 
 def _catalogue_songs(pipe: Pipeline, spec: BenchSpec) -> list[Request]:

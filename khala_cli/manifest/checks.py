@@ -252,20 +252,28 @@ def _seed_range(at: At, v: str) -> tuple[int, ...] | None:
     return None
 
 
-def _seed_count(at: At, v: dict) -> tuple[int, ...] | None:
+def sub_keys(at: At, v: dict, allowed: tuple[str, ...], required: tuple[str, ...],
+             example: str) -> bool:
+    """The keys of a mapping value: an error for each unknown key (suggesting the closest)
+    and each missing required one; True when there is none."""
     ok = True
     for key in v:
-        if key not in SEED_KEYS:
-            sug = closest(str(key), SEED_KEYS)
+        if key not in allowed:
+            sug = closest(str(key), allowed)
+            expected = " and ".join(f"{at.field}.{k}" for k in allowed)
             at.sub(f".{key}", line_of(v, key, at.line)).error(
                 "unknown key" + (f" (did you mean '{at.field}.{sug}'?)" if sug else
-                                 f"; expected {at.field}.from and {at.field}.count"))
+                                 f"; expected {expected}"))
             ok = False
-    for key in SEED_KEYS:
+    for key in required:
         if key not in v:
-            at.sub(f".{key}").error(f"missing '{key}' (expected {{from: 100, count: 8}})")
+            at.sub(f".{key}").error(f"missing '{key}' (expected {example})")
             ok = False
-    if not ok:
+    return ok
+
+
+def _seed_count(at: At, v: dict) -> tuple[int, ...] | None:
+    if not sub_keys(at, v, SEED_KEYS, SEED_KEYS, "{from: 100, count: 8}"):
         return None
     start = whole(at.sub(".from", line_of(v, "from", at.line)), v["from"], *SEED_RANGE,
                   _SEED_NOTE)
@@ -278,6 +286,75 @@ def _seed_count(at: At, v: dict) -> tuple[int, ...] | None:
                  f"{SEED_RANGE[0]}..{SEED_RANGE[1]}")
         return None
     return tuple(range(start, start + count))
+
+
+# -- until and gates -------------------------------------------------------------------------
+
+UNTIL_KEYS = ("passing", "max_takes")
+UNTIL_FORM = "{passing: 2, max_takes: 16}"
+GATE_KEYS = ("flags", "min_score")
+GATES_FORM = "{flags: [silent, clipping, looping], min_score: -20}"
+
+
+def _mapping(at: At, v: Any, form: str) -> bool:
+    if isinstance(v, dict):
+        return True
+    at.error(f"expected a mapping {form}, got {type_name(v)}")
+    return False
+
+
+def until(at: At, v: Any) -> dict[str, int] | None:
+    """{passing: K, max_takes: M}: roll seeds until K takes pass the gates, M at most."""
+    if not _mapping(at, v, UNTIL_FORM) or not sub_keys(at, v, UNTIL_KEYS, UNTIL_KEYS,
+                                                         UNTIL_FORM):
+        return None
+    limit = at.ck.max_renders
+    note = {"passing": "", "max_takes": " (at most the render limit; raise it with "
+                                        "--max-renders)"}
+    got = {k: whole(at.sub(f".{k}", line_of(v, k, at.line)), v[k], 1, limit, note[k])
+           for k in UNTIL_KEYS}
+    if None in got.values():
+        return None
+    if got["passing"] > got["max_takes"]:
+        at.sub(".passing", line_of(v, "passing", at.line)).error(
+            f"passing {got['passing']} is more than max_takes {got['max_takes']}: at most "
+            f"{got['max_takes']} takes can pass")
+        return None
+    return got
+
+
+def gates(at: At, v: Any, flags: tuple[str, ...], score_range: tuple[float, float]
+          ) -> dict[str, Any] | None:
+    """{flags: [...], min_score: X}: the flags that fail a take (absent: every flag), and
+    the least score a passing take has (absent: none)."""
+    if not _mapping(at, v, GATES_FORM) or not sub_keys(at, v, GATE_KEYS, (), GATES_FORM):
+        return None
+    out: dict[str, Any] = {"flags": None, "min_score": None}
+    ok = True
+    if "min_score" in v:
+        out["min_score"] = number(at.sub(".min_score", line_of(v, "min_score", at.line)),
+                                  v["min_score"], *score_range,
+                                  " (a take's score is at most 0; flagged takes score at or "
+                                  "below -100)")
+        ok = out["min_score"] is not None
+    if "flags" in v:
+        out["flags"] = _gate_flags(at.sub(".flags", line_of(v, "flags", at.line)), v["flags"],
+                                   flags)
+        ok = ok and out["flags"] is not None
+    return out if ok else None
+
+
+def _gate_flags(at: At, v: Any, flags: tuple[str, ...]) -> tuple[str, ...] | None:
+    if not isinstance(v, list):
+        at.error(f"expected a list of flags ({', '.join(flags)}), got {type_name(v)}")
+        return None
+    out = []
+    for i, (f, line) in enumerate(zip(v, item_lines(v, at.line), strict=True)):
+        got = choice(at.sub(f"[{i}]", line), f, flags)
+        if got is None:
+            return None
+        out.append(got)
+    return tuple(dict.fromkeys(out))
 
 
 # -- tags ------------------------------------------------------------------------------------

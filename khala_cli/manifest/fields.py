@@ -19,7 +19,9 @@ WHERE_TEXT = {TOP: "the top level", JOB: "a job", SETTING: "a job or `defaults`"
 KIND_TEXT = {"whole": "a whole number", "number": "a number", "text": "text",
              "choice": "one of the choices", "seeds": "seeds (a list, a range or from/count)",
              "tags": "a list of tags, or text with commas", "mapping": "a mapping",
-             "list": "a list", "bool": "true or false"}
+             "list": "a list", "bool": "true or false",
+             "until": "a mapping {passing: K, max_takes: M}",
+             "gates": "a mapping {flags: [...], min_score: X}"}
 MD_BAR = " \\| "  # a "|" inside a Markdown table cell
 PROMPT_HINT = "; defaults hold settings only, give prompts per job"
 
@@ -30,7 +32,8 @@ class Field:
 
     name: str
     where: str  # TOP, JOB or SETTING
-    kind: str  # whole | number | text | choice | seeds | tags | mapping | list | bool
+    kind: str  # whole | number | text | choice | seeds | tags | mapping | list | bool | until
+    # | gates
     help: str
     default: Any = None  # the value a job gets when the key is absent
     limits: tuple[float, float] | None = None  # whole/number: inclusive range
@@ -74,6 +77,8 @@ CHECKS: dict[str, Callable[[Field, chk.At, Any], Any]] = {
     "seeds": lambda f, at, v: chk.seeds(at, v),
     "tags": lambda f, at, v: chk.tags(at, v),
     "bool": lambda f, at, v: chk.boolean(at, v),
+    "until": lambda f, at, v: chk.until(at, v),
+    "gates": lambda f, at, v: chk.gates(at, v, mn.ANALYSIS_FLAGS, mn.SCORE_RANGE),
 }
 
 _LYRICS_RULE = "one or the other"
@@ -96,6 +101,15 @@ _SETTINGS = (
     Field("seeds", SETTING, "seeds", "one take per seed: `[1, 2, 3]`, `\"100-107\"` or "
           "`{from: 100, count: 8}`", (1,),
           rule=f"integers {mn.SEED_RANGE[0]}..{mn.SEED_RANGE[1]}, default `[1]`"),
+    Field("until", SETTING, "until", "roll seeds until K takes pass the `gates`: the job's "
+          "seeds, then counting up from its last, a batch at a time, M takes at most",
+          None,
+          rule="`{passing: K, max_takes: M}`, 1 <= K <= M; optional"),
+    Field("gates", SETTING, "gates", "what an `until` take must pass: `flags` that fail it, "
+          "`min_score` it must reach", None,
+          rule=f"flags among {', '.join(f'`{x}`' for x in mn.ANALYSIS_FLAGS)} (default: "
+          f"any flag fails); min_score {mn.SCORE_RANGE[0]:g}..{mn.SCORE_RANGE[1]:g} "
+          "(default: none)"),
     Field("artist", SETTING, "text", "MP3 tag; the export's folders and tags", "", strip=True,
           rule="optional"),
     Field("album", SETTING, "text", "MP3 tag; the export's folders and tags", "", strip=True,

@@ -45,6 +45,7 @@ from khala_cli.model_numbers import (  # noqa: F401 - MAX_NEW_TOKENS re-exported
     DEFAULT_TOP_K_BB,
     DEFAULT_TOP_K_SR,
     MAX_NEW_TOKENS,
+    SEED_RANGE,
     est_minutes,
     max_new_tokens,
 )
@@ -81,7 +82,8 @@ class ParentSpec:
 PARENT_KINDS = ("reroll", "extend")
 PARENT_TIME_KEY = {"reroll": "from", "extend": "to"}
 # What a re-roll or extension may set beside its parent: the rest is the parent's.
-PARENT_JOB_KEYS = ("id", "title", "seeds", "artist", "album", "year", "genre", "track")
+PARENT_JOB_KEYS = ("id", "title", "seeds", "artist", "album", "year", "genre", "track",
+                   "until", "gates")
 
 
 def child_id(kind: str, job_id: str, seed: int, seconds: float) -> str:
@@ -118,6 +120,8 @@ class Job:
     year: int | None = None
     genre: str = ""
     index: int = 0  # the job's place in the manifest (0-based)
+    until: dict[str, int] | None = None  # {passing, max_takes}: `seeds` are then all M
+    gates: dict[str, Any] | None = None  # {flags, min_score}; None: any flag fails
     parent: ParentSpec | None = None  # a re-roll or extension of that take
 
     @property
@@ -325,9 +329,46 @@ def _job(at: At, item: Any, idx: int, defaults: dict[str, Any], manifest: Path) 
                               clean=len(at.ck.errors) == n_errors)
     if len(at.ck.errors) > n_errors or job_id is None:
         return None
+    s["seeds"] = _take_seeds(at, d, s)
+    if s["seeds"] is None:
+        return None
     return Job(id=job_id, title=title or job_id, line=at.line, prompt_mode=prompt_mode,
                tags=tags, prompt=prompt, lyrics=lyrics, lyrics_file=lyrics_file, track=track,
                index=idx, **{**s, "seeds": tuple(s["seeds"])})
+
+
+def until_seeds(seeds: tuple[int, ...] | list[int], max_takes: int) -> tuple[int, ...]:
+    """An until-job's seeds, in the order they render: its own, then counting up from its
+    last (skipping seeds it already has), max_takes in all."""
+    out = list(dict.fromkeys(seeds))[:max_takes]
+    have, nxt = set(out), out[-1] + 1
+    while len(out) < max_takes:
+        if nxt not in have:
+            out.append(nxt)
+        nxt += 1
+    return tuple(out)
+
+
+def _take_seeds(at: At, d: MarkedDict, s: dict[str, Any]) -> tuple[int, ...] | None:
+    """The seeds a job renders: its `seeds`, or with `until` the M seeds of its roll; None
+    after an error."""
+    if s["until"] is None:
+        if "gates" in d:
+            at.key(d, "gates").warn("gates apply only to a job with `until`; ignored here")
+        return tuple(s["seeds"])
+    m = s["until"]["max_takes"]
+    where = at.key(d, "until") if "until" in d else replace(at, field="until")
+    if len(s["seeds"]) > m:
+        replace(where, field="until.max_takes").warn(
+            f"the job lists {len(s['seeds'])} seeds but max_takes is {m}: seeds after the "
+            f"first {m} are not rendered")
+    seeds = until_seeds(s["seeds"], m)
+    if max(seeds) > SEED_RANGE[1]:
+        replace(where, field="until.max_takes").error(
+            f"counting up to {m} takes passes the last seed {SEED_RANGE[1]}; start from a "
+            "lower seed")
+        return None
+    return seeds
 
 
 def _parent_job(at: At, d: MarkedDict, idx: int, defaults: dict[str, Any]) -> Job | None:
@@ -350,8 +391,11 @@ def _parent_job(at: At, d: MarkedDict, idx: int, defaults: dict[str, Any]) -> Jo
     track = FIELDS["track"].check(at.key(d, "track"), d["track"]) if "track" in d else None
     if len(at.ck.errors) > n_errors or job_id is None or parent is None:
         return None
+    s["seeds"] = _take_seeds(at, d, s)
+    if s["seeds"] is None:
+        return None
     return Job(id=job_id, title=title or "", line=at.line, track=track, index=idx,
-               parent=parent, **{**s, "seeds": tuple(s["seeds"])})
+               parent=parent, **s)
 
 
 def _parent(at: At, d: MarkedDict) -> ParentSpec | None:

@@ -15,13 +15,15 @@ class Outcome:
     """How one render ended."""
 
     render: Render
-    status: str  # rendered | failed | cancelled
+    status: str  # rendered | failed | cancelled | spare (an until-job's, not needed)
     error: str | None = None
     seconds: float = 0.0
     device: str | None = None
     attempts: int = 0
     files: dict[str, str] = field(default_factory=dict)
     log: str | None = None
+    passed: bool | None = None  # a rendered until take: whether it passes the gates
+    gate_reasons: tuple[str, ...] = ()  # why it does not
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,12 @@ and decides what happens after each event the supervisor (pool.py) reports:
   - cannot work at all (fatal): the device is given up and its renders go back to the queue;
 - a worker that cannot start MAX_START_FAILURES times in a row: the device is given up; when
   every device is given up, what is left fails with the reasons;
-- an interrupt: nothing more goes out, and what never finished is cancelled at the end.
+- an interrupt: nothing more goes out, and what never finished is cancelled at the end;
+- an until-job (renders carrying `until`): its renders are held back and released a batch
+  (the largest live device's batch size) at a time, in seed order, each batch once the one
+  before has finished; each rendered take's analysis is checked against the gates
+  (`analysis.passes`), counted with the takes on disk that pass; once K pass, the held
+  rest are spare: not rendered, not failed.
 Timers: a busy worker silent for the stall timeout, a starting one not ready in time, and a
 stopping one that does not exit are killed (`timer_kill`).
 """
@@ -24,8 +29,11 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from khala_cli.analysis import passes
 from khala_cli.plan import Render
 
 MAX_START_FAILURES = 3  # consecutive failed starts on one device: the device is given up
@@ -40,6 +48,11 @@ class State(enum.Enum):
     RENDERED = "rendered"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    HELD = "held"  # an until-job's render, not released yet
+    SPARE = "spare"  # an until-job's render left unrendered: enough of its takes pass
+
+
+UNFINISHED = (State.PENDING, State.RUNNING, State.HELD)
 
 
 @dataclass
@@ -58,9 +71,25 @@ class Item:
     log: str | None = None
     resumed: bool = False
     group: tuple = field(default=(), repr=False)  # render.batch_group: the takes of one song
+    roll: RollState | None = field(default=None, repr=False)  # its until-job's roll
+    passed: bool | None = None  # an until take: whether it passes the gates
+    gate_reasons: list[str] = field(default_factory=list)  # why it does not
 
     def __post_init__(self) -> None:
         self.group = self.render.batch_group
+
+
+@dataclass
+class RollState:
+    """One until-job's roll: its renders in seed order, and the takes that pass."""
+
+    wanted: int  # K
+    passing: int  # passing takes: on disk before the run, and rendered since
+    items: list[Item] = field(default_factory=list)
+
+    @property
+    def met(self) -> bool:
+        return self.passing >= self.wanted
 
 
 @dataclass
@@ -89,13 +118,47 @@ class Lost:
 
 
 class Policy:
-    def __init__(self, renders: list[Render], devices: list[Device], retries: int):
+    def __init__(self, renders: list[Render], devices: list[Device], retries: int,
+                 passing: Mapping[str, int] | None = None):
+        """`passing`: per until-job id, its takes on disk that pass (the plan counts them)."""
         self.items = [Item(i, r) for i, r in enumerate(renders)]
-        self.devices = devices
+        self.devices: list[Device] = []
         self.retries = retries
         self.stopping = False  # an interrupt: nothing more goes out
         self.no_space: dict[str, str] | None = None  # the output disk refused a write
         self.finished: list[Item] = []  # outcomes decided since the last `take_finished`
+        self.rolls: dict[str, RollState] = {}
+        for it in self.items:
+            if it.render.until is not None:
+                job = it.render.job_id
+                it.roll = self.rolls.setdefault(job, RollState(
+                    int(it.render.until["passing"]), int((passing or {}).get(job, 0))))
+                it.roll.items.append(it)
+                it.state = State.HELD
+        self.use_devices(devices)
+
+    def use_devices(self, devices: list[Device]) -> None:
+        """The devices to render on; an until-job's first batch is sized by them."""
+        self.devices = devices
+        for roll in self.rolls.values():
+            self._roll_on(roll)
+
+    # -- until-jobs ------------------------------------------------------------------------
+
+    def _roll_on(self, roll: RollState) -> None:
+        """Spare what a met roll holds; else, once its batch is over, release the next."""
+        held = [it for it in roll.items if it.state is State.HELD]
+        if roll.met:
+            for it in held:
+                self._finish(it, State.SPARE, f"not rendered: {roll.passing} of "
+                                              f"{roll.wanted} takes pass")
+            return
+        live = self.live_devices()
+        if not live or not self.handing_out() or any(
+                it.state in (State.PENDING, State.RUNNING) for it in roll.items):
+            return
+        for it in held[:max(d.batch_size for d in live)]:
+            it.state = State.PENDING
 
     # -- the queue -------------------------------------------------------------------------
 
@@ -103,7 +166,7 @@ class Policy:
         return [it for it in self.items if it.state is State.PENDING]
 
     def active(self) -> bool:
-        return any(it.state in (State.PENDING, State.RUNNING) for it in self.items)
+        return any(it.state in UNFINISHED for it in self.items)
 
     def live_devices(self) -> list[Device]:
         return [d for d in self.devices if not d.retired]
@@ -157,6 +220,8 @@ class Policy:
         it.state = state
         it.error = None if state is State.RENDERED else (error if error is not None else it.error)
         self.finished.append(it)
+        if it.roll is not None and state is not State.SPARE:
+            self._roll_on(it.roll)
 
     def take_finished(self) -> list[Item]:
         done, self.finished = self.finished, []
@@ -174,9 +239,14 @@ class Policy:
         else:
             it.state = State.PENDING
 
-    def rendered(self, it: Item, seconds: float, files: dict[str, str]) -> None:
+    def rendered(self, it: Item, seconds: float, files: dict[str, str],
+                 analysis: Mapping[str, Any] | None = None) -> None:
+        """A take is written; `analysis` (its flags and score) decides an until take."""
         it.seconds = seconds
         it.files = dict(files)
+        if it.roll is not None:
+            it.passed, it.gate_reasons = passes(analysis, it.render.until)
+            it.roll.passing += int(it.passed)
         self._finish(it, State.RENDERED)
 
     def disk_refused(self, it: Item, error: str, path: str, kept: bool) -> None:
@@ -242,7 +312,7 @@ class Policy:
         if self.live_devices():
             return
         error = "; ".join(f"{d.name}: {d.retired}" for d in self.devices)
-        for it in self.pending():
+        for it in [it for it in self.items if it.state in (State.PENDING, State.HELD)]:
             self._finish(it, State.FAILED, f"no device can render: {error}")
 
     def interrupt(self) -> None:
@@ -252,7 +322,7 @@ class Policy:
         why = ("not started: the output disk is full or read-only" if self.no_space
                else "interrupted before it was rendered")
         for it in self.items:
-            if it.state in (State.PENDING, State.RUNNING):
+            if it.state in UNFINISHED:
                 self._finish(it, State.CANCELLED, it.error or why)
 
 

@@ -133,7 +133,8 @@ def _describe_exit(code: int | None) -> str:
 
 
 class Pool:
-    def __init__(self, renders: list[Render], options: RunOptions, on_event: OnEvent | None):
+    def __init__(self, renders: list[Render], options: RunOptions, on_event: OnEvent | None,
+                 passing: dict[str, int] | None = None):
         self.options = options
         self.on_event = on_event or (lambda e: None)
         stems = [(r.out_dir, r.stem) for r in renders]
@@ -141,7 +142,7 @@ class Pool:
             raise ValueError("run_renders: two renders would write the same files")
         # Two jobs with the same settings share a render key (not their files): items are
         # told apart by their index.
-        self.policy = Policy(list(renders), [], options.retries)
+        self.policy = Policy(list(renders), [], options.retries, passing)
         self.output_dir = Path(options.output_dir).resolve()
         self.khala_dir = self.output_dir / ".khala"
         self.log_dir = self.khala_dir / "logs"
@@ -165,7 +166,8 @@ class Pool:
     def _outcome(it: Item) -> Outcome:
         return Outcome(render=it.render, status=it.state.value, error=it.error,
                        seconds=round(it.seconds, 3), device=it.device,
-                       attempts=it.attempts, files=dict(it.files), log=it.log)
+                       attempts=it.attempts, files=dict(it.files), log=it.log,
+                       passed=it.passed, gate_reasons=tuple(it.gate_reasons))
 
     def _flush(self) -> None:
         """Report the outcomes the policy has decided."""
@@ -315,7 +317,8 @@ class Pool:
         it.resumed = it.resumed or bool(msg.get("resumed"))
         error = str(msg.get("error") or "render failed")
         if msg.get("status") == "rendered":
-            self.policy.rendered(it, secs, {k: str(v) for k, v in (msg.get("files") or {}).items()})
+            self.policy.rendered(it, secs, {k: str(v) for k, v in (msg.get("files") or {}).items()},
+                                 msg.get("analysis"))
         elif msg.get("no_space"):
             self.policy.disk_refused(it, error, str(msg.get("path") or ""), bool(msg.get("kept")))
         else:
@@ -458,7 +461,7 @@ class Pool:
                              decode_path=self.options.decode_path)
         self.slots = [_Slot(Device(i, p.device.name, p.residency, p.batch_size), p)
                       for i, p in enumerate(plans)]
-        self.policy.devices = [s.device for s in self.slots]
+        self.policy.use_devices([s.device for s in self.slots])
         self._sweep()
 
         in_main = threading.current_thread() is threading.main_thread()
@@ -509,10 +512,13 @@ class Pool:
 
 
 def run_renders(renders: list[Render], options: RunOptions,
-                on_event: OnEvent | None = None) -> RunResult:
+                on_event: OnEvent | None = None,
+                passing: dict[str, int] | None = None) -> RunResult:
     """Render `renders` on the devices of `options`; one Outcome per render, in order.
+    `passing`: per until-job, its takes on disk that pass (`Plan.passing()`); an until-job's
+    renders not needed end "spare".
 
     Raises DeviceError (devices.py) before starting anything when the devices cannot be
     had. The caller holds the output directory's RunLock.
     """
-    return Pool(list(renders), options, on_event).run()
+    return Pool(list(renders), options, on_event, passing).run()

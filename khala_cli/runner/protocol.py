@@ -15,7 +15,7 @@ Worker -> parent:
      "tokens_per_s"}                                       the takes worked on: seeds[i] of
                                                            jobs[i] (job_id: the first's)
     {"type": "result", "wave", "id", "status": "rendered"|"failed", "error", "files",
-     "seconds", "resumed": bool}
+     "seconds", "resumed": bool, "analysis": {"flags", "score"} (rendered)}
     {"type": "wave_done", "wave": int}
     {"type": "oom", "wave", "ids": [...], "error"}         out of memory; the worker exits
     {"type": "fatal", "error"}                             cannot work at all; the worker exits

@@ -426,7 +426,9 @@ class Worker:
                   q01_stats_path(work_path(self.output_dir, render.key))):
             with contextlib.suppress(OSError):
                 p.unlink()
-        self._result(batch, render, "rendered", files={k: str(v) for k, v in files.items()})
+        measured = (outputs.read_sidecar(files["json"]) or {}).get("analysis") or {}
+        self._result(batch, render, "rendered", files={k: str(v) for k, v in files.items()},
+                     analysis={k: measured.get(k) for k in ("flags", "score")})
 
     def _write_kept(self, batch: Batch) -> list:
         """Write the takes kept from an earlier failed write; the renders still to render."""
