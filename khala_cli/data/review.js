@@ -1,6 +1,7 @@
 "use strict";
 (function () {
   const LEVELS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_";
+  const CUT = "#e8590c";
   const body = document.body;
   const search = document.getElementById("search");
   const hide = document.getElementById("hide-flagged");
@@ -13,11 +14,18 @@
     const ctx = canvas.getContext("2d");
     const w = canvas.width, h = canvas.height, n = peaks.length;
     ctx.clearRect(0, 0, w, h);
-    ctx.fillStyle = canvas.closest(".flagged") ? "#d0a19c" : "#5b74e0";
+    const color = canvas.closest(".flagged") ? "#d0a19c" : "#5b74e0";
+    // A re-roll or extend: the part kept from its parent is drawn grey, the cut marked.
+    const cut = canvas.dataset.cut ? parseFloat(canvas.dataset.cut) * w : null;
     for (let i = 0; i < n; i++) {
       const v = Math.max(LEVELS.indexOf(peaks[i]), 0) / 63;
       const bh = Math.max(1, v * (h - 2));
+      ctx.fillStyle = cut !== null && (i + 0.5) * w / n < cut ? "#a9b0c2" : color;
       ctx.fillRect(i * w / n, (h - bh) / 2, Math.max(1, w / n - 0.5), bh);
+    }
+    if (cut !== null) {  // full height: the bars never reach the top row, the cut does
+      ctx.fillStyle = CUT;
+      ctx.fillRect(Math.round(cut) - 1, 0, 2, h);
     }
   }
 

@@ -23,18 +23,20 @@ from urllib.parse import quote
 from khala_cli import __version__
 from khala_cli.outputs import atomic_path, superseded_usage
 from khala_cli.review.keep import read_marks
-from khala_cli.review.takes import TakeFile, check_output_dir, latest_reports, read_takes
+from khala_cli.review.takes import TakeFile, check_output_dir, latest_reports, parent_of, read_takes
 
 PAGE = "index.html"
 
 
 @dataclass
 class JobView:
-    """One job's takes (best first), its failed renders and what it asked for."""
+    """One job's section: its takes (best first; each re-roll or extend of a take here sits
+    under it, in `_children`), its failed renders, and its `until` goal when it fell short."""
 
     job_id: str
     takes: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
+    short: dict[str, Any] | None = None
 
     @property
     def first(self) -> dict[str, Any]:
@@ -44,6 +46,18 @@ class JobView:
     def title(self) -> str:
         return self.first.get("title") or self.job_id
 
+    def shown(self) -> list[tuple[dict[str, Any], int]]:
+        """Every take of the section in page order, with its depth (0: a take of the job)."""
+        out: list[tuple[dict[str, Any], int]] = []
+
+        def walk(t: dict[str, Any], depth: int) -> None:
+            out.append((t, depth))
+            for c in t.get("_children") or []:
+                walk(c, depth + 1)
+        for t in self.takes:
+            walk(t, 0)
+        return out
+
 
 def sort_key(take: dict[str, Any]) -> tuple:
     """Best first: by score, then takes without an analysis, by seed."""
@@ -51,20 +65,82 @@ def sort_key(take: dict[str, Any]) -> tuple:
     return (score is None, -(score or 0.0), take.get("seed", 0))
 
 
+def child_key(take: dict[str, Any]) -> tuple:
+    """A take's children: by where they cut, then best first."""
+    p = parent_of(take)
+    return (p.cut_s if p else 0.0, *sort_key(take))
+
+
+def _tid(take: dict[str, Any]) -> tuple[str, Any]:
+    return str(take["job_id"]), take.get("seed")
+
+
+def _orphan(take: dict[str, Any], by_take: dict[tuple, dict[str, Any]]) -> str | None:
+    """Why a child cannot sit under its parent here, or None when it can."""
+    p = parent_of(take)
+    parent = by_take.get(p.take) if p else None
+    if parent is None:
+        return "the parent take is not in this folder"
+    if p.render_key and parent.get("render_key") != p.render_key:
+        return "the parent take was rendered again since"
+    seen = {_tid(take)}
+    while parent is not None:  # a hand-edited record could loop
+        if _tid(parent) in seen:
+            return "its parent records loop"
+        seen.add(_tid(parent))
+        up = parent_of(parent)
+        parent = by_take.get(up.take) if up else None
+    return None
+
+
+def nest(takes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Put every re-roll and extend under its parent take (`_children`, by cut then best
+    first); the takes left on top: takes of their own, and children whose parent is not
+    here (`_orphan` says why)."""
+    by_take = {_tid(t): t for t in takes}
+    for t in takes:
+        t["_children"] = []
+    top = []
+    for t in takes:
+        p = parent_of(t)
+        why = _orphan(t, by_take) if p else None
+        if p is None or why:
+            if why:
+                t["_orphan"] = why
+            top.append(t)
+        else:
+            by_take[p.take]["_children"].append(t)
+    for t in takes:
+        t["_children"].sort(key=child_key)
+    return top
+
+
+def shortfalls(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The `until` rows of the latest reports that fell short (met false), by job; a later
+    report's row replaces an earlier one's. Reports without `until` add nothing."""
+    last: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        rows = run.get("until")
+        for row in rows if isinstance(rows, list) else []:
+            if isinstance(row, dict) and row.get("job_id") is not None:
+                last[str(row["job_id"])] = row
+    return {job: row for job, row in sorted(last.items()) if row.get("met") is False}
+
+
 def gather(output_dir: Path) -> tuple[list[JobView], list[TakeFile], list[dict[str, Any]]]:
     """(jobs with their takes sorted, unreadable sidecars, the latest report of each shard,
     oldest first). Failed renders come from those reports: a failure that a later run of
     the same shard rendered, or tried again, is not shown."""
     jobs: dict[str, JobView] = {}
-    unreadable = []
-    on_disk = set()
+    unreadable, takes = [], []
     for t in read_takes(output_dir):
         if t.data is None:
             unreadable.append(t)
-            continue
-        d = dict(t.data, _dir=t.path.parent.name)
-        jobs.setdefault(str(d["job_id"]), JobView(str(d["job_id"]))).takes.append(d)
-        on_disk.add((str(d["job_id"]), d.get("seed")))
+        else:
+            takes.append(dict(t.data, _dir=t.path.parent.name))
+    on_disk = {_tid(t) for t in takes}
+    for t in nest(takes):
+        jobs.setdefault(str(t["job_id"]), JobView(str(t["job_id"]))).takes.append(t)
     runs = latest_reports(output_dir)
     last: dict[tuple, dict[str, Any]] = {}
     for run in runs:
@@ -74,6 +150,9 @@ def gather(output_dir: Path) -> tuple[list[JobView], list[TakeFile], list[dict[s
     for (job, seed), e in sorted(last.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         if e["status"] == "failed" and (job, seed) not in on_disk:
             jobs.setdefault(job, JobView(job)).failed.append(e)
+    for job, row in shortfalls(runs).items():
+        if job in jobs:
+            jobs[job].short = row
     for j in jobs.values():
         j.takes.sort(key=sort_key)
     return sorted(jobs.values(), key=lambda j: j.job_id), unreadable, runs
@@ -87,7 +166,7 @@ def summary(jobs: list[JobView], latest: list[dict[str, Any]], output_dir: Path
             ) -> dict[str, Any]:
     """What the top of the page says: takes on disk, failures, the latest run of each shard,
     and the versions moved aside."""
-    takes = [t for j in jobs for t in j.takes]
+    takes = [t for j in jobs for t, _ in j.shown()]
     superseded, superseded_bytes = superseded_usage(output_dir)
     busy: dict[str, float] = {}
     for r in latest:
@@ -131,7 +210,26 @@ def _hms(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def take_html(rank: int, t: dict[str, Any], kept: bool = False) -> str:
+def lineage(t: dict[str, Any]) -> str:
+    """What a re-roll or extend continues: "re-roll of seed 7 at 1:10" under its parent;
+    with the parent's job and why, when the parent is not here. "" for a take of its own."""
+    p = parent_of(t)
+    if p is None:
+        return ""
+    of = f"seed {p.seed}" if "_orphan" not in t else f"{p.job_id} seed {p.seed}"
+    what = "extended from" if p.kind == "extend" else "re-roll of"
+    why = f"; {t['_orphan']}" if "_orphan" in t else ""
+    return f"{what} {of} at {_hms(p.cut_s)}{why}"
+
+
+def _cut(t: dict[str, Any]) -> str:
+    """The cut as a fraction of the take's length (its waveform marks it), or ""."""
+    p = parent_of(t)
+    seconds = (t.get("audio") or {}).get("seconds") or 0
+    return f"{min(max(p.cut_s / seconds, 0.0), 1.0):.6f}" if p and seconds > 0 else ""
+
+
+def take_html(rank: int, t: dict[str, Any], kept: bool = False, depth: int = 0) -> str:
     a = t.get("analysis") or {}
     tid = f"{t.get('job_id')}:{t.get('seed')}"
     flags = a.get("flags") or []
@@ -145,22 +243,29 @@ def take_html(rank: int, t: dict[str, Any], kept: bool = False) -> str:
     links = " ".join(f'<a href="{h}">{k}</a>' for k, h in
                      (("wav", _href(t, "wav")), ("mp3", mp3)) if h)
     demo = '<span class="demo">noise (demo model)</span>' if (t.get("model") or {}).get("demo") else ""
-    cls = "take flagged" if flags else "take"
+    cls = "take" + (" flagged" if flags else "") + (" child" if depth else "") + (
+        " orphan" if "_orphan" in t else "")
+    p, label = parent_of(t), lineage(t)
+    parent = (f' data-parent="{_e(f"{p.job_id}:{p.seed}")}" style="--depth: {depth}"'
+              if p else "")
+    label_html = (f'<span class="lineage" title="{_e(tid)}, cut at {p.cut_s:.3f} s">'
+                  f'{_e(label)} <span class="id">{_e(t.get("job_id"))}</span></span>'
+                  if p else "")
     return (
         f'<li class="{cls}" data-score="{_e(a.get("score"))}" data-seed="{_e(t.get("seed"))}" '
-        f'data-take="{_e(tid)}" data-kept="{int(kept)}">'
+        f'data-take="{_e(tid)}" data-kept="{int(kept)}"{parent}>'
         f'<label class="keep" title="keep this take"><input type="checkbox" class="keep-box"'
         f'{" checked" if kept else ""}> keep</label>'
-        f'<span class="rank">{rank}</span>'
+        f'<span class="rank">{"↳" if depth else rank}</span>'
         f'<span class="seed">seed {_e(t.get("seed"))}</span>'
-        f'<canvas class="wave" width="240" height="36" data-peaks="{_e(a.get("peaks", ""))}">'
-        f'</canvas>{player}'
+        f'<canvas class="wave" width="240" height="36" data-peaks="{_e(a.get("peaks", ""))}" '
+        f'data-cut="{_cut(t)}"></canvas>{player}'
         f'<span class="facts">{_hms((t.get("audio") or {}).get("seconds", 0))} · '
         f'{_num(a.get("lufs"), ".1f", " LUFS")} · {_num(a.get("true_peak_db"), ".1f", " dBTP")}'
         f' · score {_num(a.get("score"), ".3f")}</span>'
         f'<span class="flags">{badges}{demo}</span>'
         f'<span class="meta">{_num(timings.get("total_s"), ".1f", " s")}{_shared(t)} on '
-        f'{_e(t.get("device"))} · {links}</span></li>'
+        f'{_e(t.get("device"))} · {links}</span>{label_html}</li>'
     )
 
 
@@ -173,6 +278,12 @@ def _shared(t: dict) -> str:
     return f" in a batch of {_e(size)}" + (f" ({_e(songs)} songs)" if songs > 1 else "")
 
 
+def short_text(row: dict[str, Any]) -> str:
+    """ "1 of 2 passing after 16 takes (max_takes 16)": an `until` goal that was not met."""
+    return (f"{row.get('passing', '?')} of {row.get('wanted', '?')} passing after "
+            f"{row.get('takes', '?')} takes (max_takes {row.get('max_takes', '?')})")
+
+
 def job_html(j: JobView, kept: set[tuple[str, int]] = frozenset()) -> str:
     f = j.first
     what = (f"tags: {', '.join(f.get('tags') or [])}" if f.get("prompt_mode") == "tags"
@@ -182,36 +293,64 @@ def job_html(j: JobView, kept: set[tuple[str, int]] = frozenset()) -> str:
                 f"{f.get('temperature', '')} · model {(f.get('model') or {}).get('name', '')}")
     lyrics = (f'<details><summary>lyrics</summary><pre>{_e(f.get("lyrics"))}</pre></details>'
               if f.get("lyrics") else "")
-    takes = "".join(take_html(i + 1, t, (j.job_id, t.get("seed")) in kept)
-                    for i, t in enumerate(j.takes))
+    shown = j.shown()
+    ranks = iter(range(1, len(shown) + 1))
+    takes = "".join(take_html(0 if depth else next(ranks), t, _tid(t) in kept, depth)
+                    for t, depth in shown)
     failed = "".join(
         f'<li>seed {_e(e.get("seed"))}: {_e(e.get("error") or "failed")} '
         f'<span class="meta">({_e(e.get("_run"))}; log {_e(e.get("log"))})</span></li>'
         for e in j.failed)
-    search = f"{j.job_id} {j.title}".lower()
+    short = (f'<p class="short">short of its goal: {_e(short_text(j.short))}</p>'
+             if j.short else "")
     return (
-        f'<section class="job" id="job-{_e(j.job_id)}" data-search="{_e(search)}">'
+        f'<section class="job" id="job-{_e(j.job_id)}" data-search="{_e(_search(j))}">'
         f'<h2>{_e(j.title)} <span class="id">{_e(j.job_id)}</span></h2>'
-        f'<p class="what">{_e(what)}</p><p class="settings">{_e(settings)}</p>{lyrics}'
+        f'<p class="what">{_e(what)}</p><p class="settings">{_e(settings)}</p>{lyrics}{short}'
         f'<ol class="takes">{takes}</ol>'
         + (f'<h3>failed renders</h3><ul class="failed">{failed}</ul>' if failed else "")
         + "</section>"
     )
 
 
+def _search(j: JobView) -> str:
+    """What the search matches in a section: its job, its title and its children's jobs."""
+    ids = dict.fromkeys([j.job_id, j.title] + [str(t["job_id"]) for t, _ in j.shown()])
+    return " ".join(ids).lower()
+
+
 def jobs_table(jobs: list[JobView]) -> str:
     rows = []
     for j in jobs:
-        flagged = sum(1 for t in j.takes if (t.get("analysis") or {}).get("flags"))
-        best = (j.first.get("analysis") or {}).get("score")
+        shown = [t for t, _ in j.shown()]
+        flagged = sum(1 for t in shown if (t.get("analysis") or {}).get("flags"))
+        best = max(((t.get("analysis") or {}).get("score") for t in shown
+                    if (t.get("analysis") or {}).get("score") is not None), default=None)
         rows.append(
-            f'<tr data-search="{_e((j.job_id + " " + j.title).lower())}">'
+            f'<tr data-search="{_e(_search(j))}">'
             f'<td><a href="#job-{_e(j.job_id)}">{_e(j.title)}</a></td><td>{_e(j.job_id)}</td>'
-            f'<td>{len(j.takes)}</td><td>{flagged}</td><td>{len(j.failed)}</td>'
+            f'<td>{len(shown)}</td><td>{flagged}</td><td>{len(j.failed)}</td>'
             f'<td>{_num(best, ".2f")}</td></tr>')
     return ('<table class="jobs"><thead><tr><th>title</th><th>id</th><th>takes</th>'
             '<th>flagged</th><th>failed</th><th>best score</th></tr></thead><tbody>'
             + "".join(rows) + "</tbody></table>")
+
+
+def shortfalls_html(jobs: list[JobView], runs: list[dict[str, Any]]) -> str:
+    """The jobs that fell short of their `until` goal in the latest runs, each linked to the
+    section that holds its takes."""
+    where = {}
+    for j in jobs:
+        for t, _ in j.shown():
+            where.setdefault(str(t["job_id"]), j.job_id)
+        where.setdefault(j.job_id, j.job_id)
+    items = []
+    for job, row in shortfalls(runs).items():
+        name = (f'<a href="#job-{_e(where[job])}">{_e(job)}</a>' if job in where
+                else _e(job))
+        items.append(f'<li data-job="{_e(job)}">{name}: {_e(short_text(row))}</li>')
+    return (f'<section class="shortfalls"><h2>short of their goal (until)</h2><ul>'
+            f'{"".join(items)}</ul></section>') if items else ""
 
 
 def summary_html(s: dict[str, Any], runs: list[dict[str, Any]]) -> str:
@@ -265,7 +404,7 @@ def page_html(output_dir: Path) -> str:
         f"<title>khala review: {_e(output_dir.name)}</title><style>{_asset('review.css')}</style>"
         f'</head><body><header><h1>khala review <span class="id">{_e(output_dir.name)}</span>'
         f'</h1><p class="meta">built {stamp} by khala {__version__} from the files on disk</p>'
-        f"{demo}{summary_html(s, runs)}</header>"
+        f"{demo}{summary_html(s, runs)}{shortfalls_html(jobs, runs)}</header>"
         '<div class="controls"><input id="search" type="search" placeholder="search titles '
         'and ids" autocomplete="off"><label><input id="hide-flagged" type="checkbox"> hide '
         'flagged takes</label><span id="shown"></span></div>'

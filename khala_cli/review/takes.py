@@ -1,7 +1,8 @@
 """The takes on disk of an output directory: finding their sidecars and reading them back.
 
     <output_dir>/<job_id>/<job_id>-s<seed>.json   a take's sidecar (outputs.py writes it);
-                                                  the only files read as takes
+                                                  the only files read as takes; a re-roll's
+                                                  or an extend's names its `parent`
     <output_dir>/reports/                         run reports and the review page
     <output_dir>/.khala/                          lock, logs, work files
 
@@ -40,6 +41,34 @@ class TakeFile:
     @property
     def stem(self) -> str:
         return self.path.name[: -len(".json")]
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The take a re-roll or an extend continues (a sidecar's `parent` record)."""
+
+    job_id: str
+    seed: int
+    render_key: str | None
+    kind: str  # reroll (cut inside the parent) | extend (cut at the parent's end)
+    cut_s: float
+
+    @property
+    def take(self) -> tuple[str, int]:
+        return self.job_id, self.seed
+
+
+def parent_of(data: dict[str, Any]) -> Parent | None:
+    """A take's parent, or None: a take of its own, or a `parent` record that cannot be read
+    (then the take is shown as one of its own)."""
+    p = data.get("parent")
+    if not isinstance(p, dict):
+        return None
+    try:
+        return Parent(str(p["job_id"]), int(p["seed"]), p.get("render_key"),
+                      str(p.get("kind") or "reroll"), float(p["cut_s"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def sidecar_paths(output_dir: Path) -> list[Path]:
