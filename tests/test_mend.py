@@ -275,9 +275,8 @@ def test_rerolls_are_kept_and_exported_as_takes_of_their_own(rendered, tmp_path)
     dest = tmp_path / "catalogue"
     proc = khala(root, "export", "out", str(dest), "--format", "wav", "--loudness", "off")
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads((dest / "catalogue.json").read_text())
-    rows = rows["rows"] if isinstance(rows, dict) else rows
-    files = [r["file"] if "file" in r else r["files"]["wav"] for r in rows]
+    rows = json.loads((dest / "catalogue.json").read_text())["files"]
+    files = [r["file"] for r in rows]
     assert len(rows) == 4 and len(set(files)) == 4
     assert {(r["job_id"], r["seed"]) for r in rows} == {
         (t.rsplit(":", 1)[0], int(t.rsplit(":", 1)[1])) for t in takes}
