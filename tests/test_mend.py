@@ -280,3 +280,25 @@ def test_rerolls_are_kept_and_exported_as_takes_of_their_own(rendered, tmp_path)
     assert len(rows) == 4 and len(set(files)) == 4
     assert {(r["job_id"], r["seed"]) for r in rows} == {
         (t.rsplit(":", 1)[0], int(t.rsplit(":", 1)[1])) for t in takes}
+
+
+def test_plan_names_the_children_that_wait_for_their_parent(tmp_path, demo_model_dir):
+    (tmp_path / "jobs.yaml").write_text(MANIFEST.format(model=demo_model_dir))
+    proc = khala(tmp_path, "plan", "jobs.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert (f"waiting for their parent take: {CHILD} (of anthem:7), anthem-long (of "
+            "anthem:7)") in " ".join(proc.stdout.split())
+    proc = khala(tmp_path, "plan", "jobs.yaml", "--json")
+    assert json.loads(proc.stdout)["waiting"] == [
+        {"job_id": CHILD, "parent": "anthem:7"}, {"job_id": "anthem-long", "parent": "anthem:7"}]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_reroll_of_a_take_that_is_nowhere_names_the_file_job_and_field(
+        tmp_path, demo_model_dir):
+    (tmp_path / "jobs.yaml").write_text(
+        f"model: {demo_model_dir}\njobs:\n  - id: x\n    reroll: {{take: \"ghost:3\", from: 1}}\n")
+    proc = khala(tmp_path, "render", "jobs.yaml")
+    assert proc.returncode == 2
+    assert "jobs.yaml:4: job 'x', field 'reroll.take': ghost:3: no take in" in proc.stderr
+    assert not (tmp_path / "out" / "x").exists()
