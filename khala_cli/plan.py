@@ -45,8 +45,9 @@ class Render(mn.Controls):
     # An until-job's roll, the same on each of its renders (not in the key): {passing: K,
     # max_takes: M, flags: [...] or None (any flag fails), min_score: float or None}
     until: dict[str, Any] | None = None
-    # a re-roll or extension: the parent take it continues (mend.Parent.record(), frozen in
-    # the render key): job_id, seed, render_key, kind, kept_frames, frames, cut_s, files
+    # a re-roll or extension: the parent take it continues (made by mend.child_renders; its
+    # key, kind and cut are in the render key): job_id, seed, render_key, kind, kept_frames,
+    # frames, to_frames, cut_s, and the paths of the parent's sidecar, wav and codes
     parent: dict[str, Any] | None = None
 
     def path(self, suffix: str) -> Path:

@@ -137,6 +137,8 @@ def test_the_same_reroll_from_the_command_line_renders_nothing(rendered):
     (("anthem", "--from", "1", "--seeds", "1"), ["'anthem'", "JOB:SEED"]),
     (("anthem:7", "--from", "1", "--seeds", "1", "--until-passing", "5", "--max-takes", "3"),
      ["anthem:7", "--until-passing", "passing 5 is more than max_takes 3"]),
+    (("anthem:7", "--from", "1", "--seeds", "1", "--until-passing", "1", "--max-takes", "0"),
+     ["anthem:7", "--max-takes"]),
     (("anthem:7", "--from", "1", "--seeds", "1", "--min-score", "-5"),
      ["--min-score needs --until-passing"]),
 ])

@@ -102,10 +102,10 @@ def _run(kind: str, output_dir: Path, take: str, at: str, seeds: str | None,
     flag = "--from" if kind == mend.REROLL else "--to"
     try:
         root = check_output_dir(output_dir).resolve()
-        job, seed = chk.parse_take(take)
-        seconds = chk.parse_time(at)
-    except (NotAnOutputDir, ValueError) as exc:
-        raise Failure(exit_codes.USAGE, f"error: {_where(exc, take, flag, at)}") from None
+    except NotAnOutputDir as exc:
+        raise Failure(exit_codes.USAGE, f"error: {exc}") from None
+    job, seed = _parsed(chk.parse_take, take, repr(take))
+    seconds = _parsed(chk.parse_time, at, f"{flag} {at!r}")
     spec = ParentSpec(kind, job, seed, seconds)
     try:
         parent = mend.read_parent(root, job, seed)
@@ -129,13 +129,12 @@ def _run(kind: str, output_dir: Path, take: str, at: str, seeds: str | None,
     return run_manifest(m, o, f"khala {kind} {take} {flag} {chk.clock(seconds)}")
 
 
-def _where(exc: Exception, take: str, flag: str, at: str) -> str:
-    text = str(exc)
-    if "JOB:SEED" in text:
-        return f"{take!r}: {text}"
-    if "time" in text:
-        return f"{flag} {at!r}: {text}"
-    return text
+def _parsed(parse: Any, text: str, shown: str) -> Any:
+    """parse(text), or exit 2 naming the value as `shown`."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise Failure(exit_codes.USAGE, f"error: {shown}: {exc}") from None
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -165,7 +164,8 @@ def _roll(take: str, opts: dict[str, Any]) -> dict[str, Any]:
         return {}
     ck = chk.Checker(Path("--until-passing"), "command line", MAX_RENDERS)
     until = chk.until(ck.at(0, fld="until"), {"passing": opts["until_passing"],
-                                              "max_takes": opts["max_takes"] or 16})
+                                              "max_takes": 16 if opts["max_takes"] is None
+                                              else opts["max_takes"]})
     gates_in = {k: v for k, v in (("flags", opts["gate_flags"] and [
         f.strip() for f in opts["gate_flags"].split(",") if f.strip()]),
         ("min_score", opts["min_score"])) if v is not None}

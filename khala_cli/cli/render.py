@@ -150,7 +150,6 @@ def run_manifest(m: Manifest, o: RenderOptions, label: str) -> int:
     """`run` for a loaded manifest (`khala reroll` and `extend` make theirs); `label` opens
     the run's first line."""
     started = datetime.now(timezone.utc)
-    manifest = label
     shard = steps.shard(o.shard)
     only = steps.only(m, o.only)
     n_devices = len(steps.devices(o.devices, o.decode_path))
@@ -165,10 +164,10 @@ def run_manifest(m: Manifest, o: RenderOptions, label: str) -> int:
                                                shard=shard, on_lost=_stop_self):
         p = steps.plan(m, info, force=o.force, only=only, shard=shard,
                        save_codes=o.save_codes, model_dir=model_dir)
-        result = _execute(m, p, o, model_dir, n_devices, shard, manifest)
+        result = _execute(m, p, o, model_dir, n_devices, shard, label)
         if p.waiting and not (result.interrupted or result.no_space):
             p, result = _after_parents(m, p, result, o, (model_dir, info), n_devices, shard,
-                                       manifest)
+                                       label)
         run_info = rp.RunInfo(
             manifest=str(m.path), output_dir=str(m.output_dir),
             model=steps.model_dict(model_dir, info, m.model), started_at=started,
@@ -180,14 +179,14 @@ def run_manifest(m: Manifest, o: RenderOptions, label: str) -> int:
 
 def _after_parents(m: Manifest, p: Plan, result: RunResult, o: RenderOptions,
                    model: tuple[Path, Any], n_devices: int, shard: tuple[int, int] | None,
-                   manifest: str) -> tuple[Plan, RunResult]:
+                   label: str) -> tuple[Plan, RunResult]:
     """The re-rolls and extensions that waited for their parent takes, planned now that the
     parents are on disk; the run's plan and result with theirs added."""
     waited = {job for job, _ in p.waiting}
     model_dir, info = model
     p2 = steps.plan(m, info, force=o.force, only=tuple(waited), shard=shard,
                     save_codes=o.save_codes, model_dir=model_dir, after_parents=True)
-    r2 = _execute(m, p2, o, model_dir, n_devices, shard, manifest)
+    r2 = _execute(m, p2, o, model_dir, n_devices, shard, label)
     plan = Plan(items=p.items + p2.items, excluded=p.excluded, shard=p.shard,
                 waiting=p2.waiting)
     busy = dict(result.device_busy_s or {})
@@ -225,11 +224,11 @@ def _stop_self() -> None:
 
 
 def _execute(m: Manifest, p: Plan, o: RenderOptions, model_dir: Path, n_devices: int,
-             shard: tuple[int, int] | None, manifest: str) -> RunResult:
+             shard: tuple[int, int] | None, label: str) -> RunResult:
     """Render the plan's renders to do, showing the run as it goes."""
     shown, log = display.for_run(len(p.to_run), o.quiet)
     counts = p.counts()
-    log.line(f"{manifest}: {len(p.items)} renders, {len(p.to_run)} to render "
+    log.line(f"{label}: {len(p.items)} renders, {len(p.to_run)} to render "
              f"({counts['rerender']} re-render), {counts['skip']} already done; "
              f"~{p.minutes():.1f} audio minutes; output {m.output_dir}"
              + (f"; shard {shard[0]}/{shard[1]}" if shard else ""))
